@@ -1,0 +1,44 @@
+"""Configuration, one dataclass per concern. Each field's docstring is its help text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from keel.errors import InvalidRequestError
+
+
+def _check(cond: bool, name: str, value, rule: str) -> None:
+    if not cond:
+        raise InvalidRequestError(f"{name}={value!r} is invalid: {rule}")
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    """Tokens per KV-cache block."""
+    num_blocks: int | None = None
+    """Blocks in the KV cache; None sizes the cache from kv_cache_memory_gb."""
+    kv_cache_memory_gb: float = 1.0
+    """Memory given to the KV cache when num_blocks is None (capped by what max_num_seqs full contexts need)."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV blocks of identical prompt prefixes."""
+
+    def __post_init__(self) -> None:
+        _check(self.block_size > 0, "block_size", self.block_size, "must be > 0")
+        _check(self.num_blocks is None or self.num_blocks > 0, "num_blocks", self.num_blocks, "must be > 0")
+        _check(self.kv_cache_memory_gb > 0, "kv_cache_memory_gb", self.kv_cache_memory_gb, "must be > 0")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    """Most requests running at once."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step; longer prompts are prefilled in chunks."""
+    max_model_len: int = 4096
+    """Longest prompt plus output, in tokens (capped by the model's own limit)."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_num_seqs > 0, "max_num_seqs", self.max_num_seqs, "must be > 0")
+        _check(self.max_num_batched_tokens > 0, "max_num_batched_tokens", self.max_num_batched_tokens, "must be > 0")
+        _check(self.max_model_len > 0, "max_model_len", self.max_model_len, "must be > 0")

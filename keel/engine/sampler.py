@@ -1,0 +1,123 @@
+"""Turn a batch of logits into tokens, each row under its own request's sampling parameters.
+
+Every seeded request draws from its own torch.Generator, one fixed-size draw per token, so its
+tokens do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from keel.engine.outputs import TokenLogprobs
+from keel.engine.request import Request
+
+
+class Sampler:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.generators: dict[str, torch.Generator] = {}
+        self.default_generator = torch.Generator(device=device)
+        self.default_generator.seed()
+
+    def drop(self, request_ids) -> None:
+        for rid in request_ids:
+            self.generators.pop(rid, None)
+
+    def _generator(self, req: Request) -> torch.Generator:
+        g = self.generators.get(req.request_id)
+        if g is None:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(req.params.seed)
+            self.generators[req.request_id] = g
+        return g
+
+    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        # logits: [N, V] float32, one row per request that samples this step
+        raw = logits
+        want_lp = [r.params.logprobs is not None for r in reqs]
+        logits = logits.clone()
+        for i, r in enumerate(reqs):
+            self._adjust_row(logits[i], r)
+
+        temps = torch.tensor([r.params.temperature for r in reqs], device=logits.device)
+        greedy = temps == 0
+        tokens = logits.argmax(dim=-1)
+        if not bool(greedy.all()):
+            idx = (~greedy).nonzero().squeeze(1)
+            sub = logits[idx] / temps[idx].unsqueeze(1)
+            sub = self._filter(sub, [reqs[i] for i in idx.tolist()])
+            probs = sub.softmax(dim=-1)
+            # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, one draw of fixed size per row.
+            noise = torch.empty_like(probs)
+            unseeded = []
+            for row, i in enumerate(idx.tolist()):
+                if reqs[i].params.seed is not None:
+                    noise[row].exponential_(generator=self._generator(reqs[i]))
+                else:
+                    unseeded.append(row)
+            if unseeded:
+                rows = torch.tensor(unseeded, device=logits.device)
+                noise[rows] = torch.empty(len(unseeded), probs.shape[1], device=logits.device).exponential_(
+                    generator=self.default_generator)
+            tokens[idx] = (probs / noise).argmax(dim=-1)
+        token_list = tokens.tolist()
+
+        lps: list[TokenLogprobs | None] = [None] * len(reqs)
+        if any(want_lp):
+            logprobs = raw.log_softmax(dim=-1)
+            k = max(r.params.logprobs or 0 for r in reqs)
+            top_v, top_i = logprobs.topk(max(k, 1), dim=-1)
+            chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+            top_v, top_i = top_v.tolist(), top_i.tolist()
+            for i, r in enumerate(reqs):
+                if want_lp[i]:
+                    n = r.params.logprobs
+                    lps[i] = TokenLogprobs(chosen[i], list(zip(top_i[i][:n], top_v[i][:n])))
+        return token_list, lps
+
+    @staticmethod
+    def _adjust_row(row: torch.Tensor, r: Request) -> None:
+        """Penalties, logit bias and min_tokens, in place on one row of logits."""
+        p = r.params
+        out = r.output_token_ids
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(r.prompt_token_ids) | set(out)), dtype=torch.long, device=row.device)
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if out and (p.presence_penalty or p.frequency_penalty):
+            ids = torch.tensor(out, dtype=torch.long, device=row.device)
+            counts = torch.zeros_like(row).index_add_(0, ids, torch.ones_like(ids, dtype=row.dtype))
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+        if p.logit_bias:
+            V = row.shape[0]
+            for tok, bias in p.logit_bias.items():
+                if 0 <= int(tok) < V:
+                    row[int(tok)] += bias
+        if len(out) < p.min_tokens:
+            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(r.eos_token_ids))
+            if banned:
+                row[torch.tensor(banned, dtype=torch.long, device=row.device)] = float("-inf")
+
+    @staticmethod
+    def _filter(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """top_k, top_p and min_p on temperature-scaled logits [N, V]; removed tokens get -inf."""
+        top_k = [r.params.top_k for r in reqs]
+        top_p = [r.params.top_p for r in reqs]
+        min_p = [r.params.min_p for r in reqs]
+        if any(min_p):
+            probs = logits.softmax(dim=-1)
+            mp = torch.tensor(min_p, device=logits.device).unsqueeze(1)
+            logits = logits.masked_fill(probs < mp * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+        if not any(top_k) and all(p == 1.0 for p in top_p):
+            return logits
+        V = logits.shape[1]
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        ks = torch.tensor([k if k > 0 else V for k in top_k], device=logits.device).unsqueeze(1)
+        ranks = torch.arange(V, device=logits.device).unsqueeze(0)
+        drop = ranks >= ks
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+        ps = torch.tensor(top_p, device=logits.device).unsqueeze(1)
+        # keep a token when the mass before it is below top_p: the most likely token always stays
+        drop |= (probs.cumsum(dim=-1) - probs) >= ps
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        return torch.empty_like(logits).scatter_(1, order, sorted_logits)

@@ -1,0 +1,17 @@
+"""Exceptions a user can cause. Each carries a message that names the problem."""
+
+
+class KeelError(Exception):
+    """Base class for errors caused by user input or user-supplied files."""
+
+
+class ModelLoadError(KeelError):
+    """A model folder, file or hub id could not be turned into a runnable model."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The checkpoint is readable but its architecture or format is not supported."""
+
+
+class InvalidRequestError(KeelError, ValueError):
+    """A prompt or sampling parameter is invalid."""

@@ -1,0 +1,81 @@
+"""Attention over the paged KV cache.
+
+The runner builds one AttentionMetadata per step and passes it down explicitly. Every layer writes
+the step's new keys and values into its cache slots, then gathers each request's whole context
+from its block table and runs scaled-dot-product attention over a [batch, query, context] layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: cache slot (block * block_size + offset) of each new token
+    gather_slots: torch.Tensor  # [B, L] int64: cache slots of each request's context, padded with slot 0
+    attn_mask: torch.Tensor | None  # [B, 1, Q, L] bool, True where attention is allowed; None: no masking needed
+    query_index: torch.Tensor | None  # [T] int64 into a flattened [B * Q] layout; None when every request has Q tokens
+    batch_size: int
+    max_query_len: int
+
+    @classmethod
+    def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
+              block_size: int, device: torch.device) -> "AttentionMetadata":
+        """query_lens: tokens computed this step per request; context_lens: tokens in the cache after it."""
+        B, Q, L = len(query_lens), max(query_lens), max(context_lens)
+        slots, gather = [], torch.zeros(B, L, dtype=torch.int64)
+        for b, (q, c, table) in enumerate(zip(query_lens, context_lens, block_tables)):
+            t = torch.tensor(table, dtype=torch.int64)
+            pos = torch.arange(c, dtype=torch.int64)
+            row = t[pos // block_size] * block_size + pos % block_size
+            gather[b, :c] = row
+            slots.append(row[c - q:])
+        slot_mapping = torch.cat(slots)
+
+        q_lens = torch.tensor(query_lens)
+        c_lens = torch.tensor(context_lens)
+        mask = None
+        if Q > 1 or len(set(context_lens)) > 1:
+            i = torch.arange(Q).view(1, Q, 1)
+            j = torch.arange(L).view(1, 1, L)
+            # query i of request b sits at absolute position c_b - q_b + i and sees keys up to it
+            last = (c_lens - q_lens).view(B, 1, 1) + i
+            mask = (j <= last) & (j < c_lens.view(B, 1, 1))
+            mask[:, :, 0] = True  # padding queries would see nothing and give NaN rows
+            mask = mask.unsqueeze(1).to(device)
+        query_index = None
+        if len(set(query_lens)) > 1:
+            query_index = torch.cat([b * Q + torch.arange(q) for b, q in enumerate(query_lens)]).to(device)
+        return cls(slot_mapping.to(device), gather.to(device), mask, query_index, B, Q)
+
+
+class PagedAttention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.k_cache: torch.Tensor | None = None  # [num_blocks * block_size, KVH, D], set by the runner
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # q: [T, H, D]; k, v: [T, KVH, D] -> [T, H * D]
+        self.k_cache.index_copy_(0, meta.slot_mapping, k)
+        self.v_cache.index_copy_(0, meta.slot_mapping, v)
+        B, Q, H, D = meta.batch_size, meta.max_query_len, self.num_heads, self.head_dim
+        keys = self.k_cache[meta.gather_slots].transpose(1, 2)  # [B, KVH, L, D]
+        values = self.v_cache[meta.gather_slots].transpose(1, 2)
+        if meta.query_index is None:
+            qp = q.view(B, Q, H, D)
+        else:
+            qp = q.new_zeros(B * Q, H, D).index_copy_(0, meta.query_index, q).view(B, Q, H, D)
+        out = F.scaled_dot_product_attention(
+            qp.transpose(1, 2), keys, values, attn_mask=meta.attn_mask, scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads)
+        out = out.transpose(1, 2).reshape(B * Q, H * D)
+        if meta.query_index is not None:
+            out = out.index_select(0, meta.query_index)
+        return out

