@@ -102,12 +102,11 @@ def read_gguf(path: str) -> GGUFCheckpoint:
         raise UnsupportedModelError(
             f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(_ARCHITECTURES)})"
         )
-    entries = []
-    for t in infos.values():
-        if t.type not in _SUPPORTED_TYPES:
-            raise UnsupportedModelError(f"{path}: tensor {t.name} has unsupported type {t.type.name}")
-        if t.name != "rope_freqs.weight":  # folded into config["rope_scaling"] instead
-            entries.append((_hf_name(t.name, path), t))
+    for needed in ("token_embd.weight", "tokenizer.ggml.tokens"):
+        if needed not in infos and needed not in meta:
+            raise ModelLoadError(f"{path}: GGUF file has no {needed}")
+    # rope_freqs.weight is folded into config["rope_scaling"] instead.
+    entries = [(_hf_name(t.name, path), t) for t in infos.values() if t.name != "rope_freqs.weight"]
 
     config = _config(meta, infos, buf, arch, path)
     tokenizer, tokens = _tokenizer(meta, path)
@@ -183,7 +182,8 @@ def _parse(path: str) -> tuple[dict, dict, memoryview]:
 
     if bytes(buf[:4]) != b"GGUF":
         raise ModelLoadError(f"{path} is not a GGUF file (bad magic bytes)")
-    version = read("4xI")
+    pos = 4
+    version = read("I")
     if version not in (2, 3):
         raise ModelLoadError(f"{path}: GGUF version {version} is not supported (big-endian file?)")
     n_tensors, n_kv = read("Q"), read("Q")
@@ -195,7 +195,11 @@ def _parse(path: str) -> tuple[dict, dict, memoryview]:
     for _ in range(n_tensors):
         name = read_str()
         dims = [read("Q") for _ in range(read("I"))]
-        raw.append((name, dims, GGMLQuantizationType(read("I")), read("Q")))
+        qtype = read("I")
+        if qtype not in _SUPPORTED_TYPES:  # also catches types newer than the gguf package
+            type_name = GGMLQuantizationType(qtype).name if qtype in set(GGMLQuantizationType) else qtype
+            raise UnsupportedModelError(f"{path}: tensor {name} has unsupported type {type_name}")
+        raw.append((name, dims, GGMLQuantizationType(qtype), read("Q")))
     align = meta.get("general.alignment", 32)
     data_start = -(-pos // align) * align
     infos = {}
