@@ -61,8 +61,14 @@ class LLM:
     def _run(self, ids: list[str]) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
         wanted = set(ids)
-        while wanted - done.keys():
-            for out in self.engine.step():
-                if out.finished and out.request_id in wanted:
-                    done[out.request_id] = out
+        try:
+            while wanted - done.keys():
+                for out in self.engine.step():
+                    if out.finished and out.request_id in wanted:
+                        done[out.request_id] = out
+        except BaseException:
+            # Leave the engine clean (blocks freed, nothing queued) for the next call.
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
         return [done[i] for i in ids]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from keel.errors import InvalidRequestError
@@ -56,6 +57,12 @@ class SamplingParams:
         return InvalidRequestError(f"{name}={value!r} is invalid: {rule}")
 
     def validate(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise self._bad(name, value, "must be a finite number")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -2**63 <= self.seed < 2**63):
+            raise self._bad("seed", self.seed, "must be an integer in [-2**63, 2**63)")
         if not isinstance(self.n, int) or self.n < 1:
             raise self._bad("n", self.n, "must be an integer >= 1")
         if self.temperature < 0:
@@ -74,7 +81,7 @@ class SamplingParams:
             if not -2 <= getattr(self, name) <= 2:
                 raise self._bad(name, getattr(self, name), "must be in [-2, 2]")
         for tok, bias in (self.logit_bias or {}).items():
-            if not -100 <= bias <= 100:
+            if not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
                 raise self._bad("logit_bias", {tok: bias}, "biases must be in [-100, 100]")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise self._bad("max_tokens", self.max_tokens, "must be an integer >= 1")

@@ -27,7 +27,7 @@ class Sampler:
         g = self.generators.get(req.request_id)
         if g is None:
             g = torch.Generator(device=self.device)
-            g.manual_seed(req.params.seed)
+            g.manual_seed(req.params.seed % 2**64)  # torch takes seeds in [0, 2**64)
             self.generators[req.request_id] = g
         return g
 
@@ -89,10 +89,8 @@ class Sampler:
             counts = torch.zeros_like(row).index_add_(0, ids, torch.ones_like(ids, dtype=row.dtype))
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
         if p.logit_bias:
-            V = row.shape[0]
             for tok, bias in p.logit_bias.items():
-                if 0 <= int(tok) < V:
-                    row[int(tok)] += bias
+                row[int(tok)] += bias
         if len(out) < p.min_tokens:
             banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(r.eos_token_ids))
             if banned:

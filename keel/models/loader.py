@@ -79,6 +79,8 @@ def open_checkpoint(path: str) -> Checkpoint:
     if not os.path.exists(os.path.join(path, "config.json")):
         raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model folder")
     raw = _read_json(os.path.join(path, "config.json"))
+    for arch in (raw.get("architectures") or [])[:1]:
+        model_class(arch)  # an unsupported architecture is named before its config keys are read
     config = ModelConfig.from_hf(raw)
     gen_path = os.path.join(path, "generation_config.json")
     gen = _read_json(gen_path) if os.path.exists(gen_path) else {}

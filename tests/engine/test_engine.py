@@ -504,6 +504,28 @@ def test_bad_prompts_then_still_works(short_llm, solo):
     assert_pool_idle(llm.engine)
 
 
+@pytest.mark.parametrize("kwargs, name", [
+    ({"stop_token_ids": [300], "min_tokens": 2}, "stop_token_ids"),
+    ({"stop_token_ids": [-1], "min_tokens": 2}, "stop_token_ids"),
+    ({"seed": 2**70}, "seed"),
+])
+def test_bad_request_fails_cleanly_and_engine_survives(ckpt, solo, kwargs, name):
+    """A request the engine cannot run must be refused up front with a clear error, not blow up
+    inside step() (which leaves it in the scheduler and makes every later step fail too)."""
+    fresh = LLM(ckpt, dtype="float32", block_size=BS, num_blocks=64)
+    with pytest.raises(InvalidRequestError, match=name):
+        fresh.generate([PROMPTS[0]], SamplingParams(temperature=1.0, max_tokens=4, **kwargs))
+    assert_pool_idle(fresh.engine)
+    assert fresh.generate([PROMPTS[1]], GREEDY)[0].outputs[0].token_ids == solo(PROMPTS[1], GREEDY)
+
+
+@pytest.mark.parametrize("name", ["temperature", "repetition_penalty"])
+def test_nan_sampling_params_rejected(name):
+    # NaN slips through `x < 0` style checks; the sampler then turns every row into token 0
+    with pytest.raises(InvalidRequestError, match=name):
+        SamplingParams(**{name: float("nan")})
+
+
 def test_max_model_len_over_model_limit(ckpt):
     with pytest.raises(InvalidRequestError, match="max_model_len"):
         LLM(ckpt, dtype="float32", max_model_len=100_000)
@@ -544,7 +566,8 @@ def test_unsupported_architecture_real_gpt2_config(ckpt, tmp_path):
     unsupported architecture, not as a config that lacks some Llama key."""
     import transformers
     folder = copy_checkpoint(ckpt, str(tmp_path / "gpt2"))
-    cfg = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4).to_dict()
+    cfg = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4,
+                                  bos_token_id=0, eos_token_id=1).to_dict()
     cfg["architectures"] = ["GPT2LMHeadModel"]
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f)

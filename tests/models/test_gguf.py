@@ -48,20 +48,15 @@ def hf_tokenizer():
 
 
 @pytest.fixture(scope="module")
-def hf_state_dict():
-    from transformers import AutoConfig, AutoModelForCausalLM
+def hf_model():
+    from transformers import AutoModelForCausalLM
 
-    if importlib.util.find_spec("accelerate"):
-        model = AutoModelForCausalLM.from_pretrained(GGUF_DIR, gguf_file=GGUF_NAME, dtype=torch.float32)
-        return model.state_dict()
-    # from_pretrained refuses GGUF without accelerate (not a keel test dependency); this is the
-    # function it calls to read and convert the tensors.
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    return AutoModelForCausalLM.from_pretrained(GGUF_DIR, gguf_file=GGUF_NAME, dtype=torch.float32).eval()
 
-    config = AutoConfig.from_pretrained(GGUF_DIR, gguf_file=GGUF_NAME)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return load_gguf_checkpoint(GGUF_PATH, return_tensors=True, model_to_load=model)["tensors"]
+
+@pytest.fixture(scope="module")
+def hf_state_dict(hf_model):
+    return hf_model.state_dict()
 
 
 # --- the real SmolLM2 file -------------------------------------------------------------------
@@ -328,3 +323,23 @@ def test_unsupported(tmp_path, kwargs, words):
     _write(tmp_path / "m.gguf", **kwargs)
     err = _assert_load_error(tmp_path / "m.gguf", *words)
     assert isinstance(err, UnsupportedModelError)
+
+
+def test_builtin_model_answers_paris_and_matches_transformers_greedy(hf_model):
+    """The built-in model from its GGUF: a real answer, and the same greedy tokens as transformers."""
+    from keel import LLM, SamplingParams
+
+    llm = LLM(dtype="float32")
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    out = llm.chat(question, SamplingParams(temperature=0, max_tokens=24))[0]
+    assert "Paris" in out.outputs[0].text, out.outputs[0].text
+
+    prompts = [llm.tokenizer.encode(llm.tokenizer.apply_chat_template(question), add_special_tokens=False),
+               llm.tokenizer.encode("The three primary colors are"),
+               llm.tokenizer.encode("def fibonacci(n):\n    ")]
+    ours = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    for prompt, o in zip(prompts, ours):
+        with torch.no_grad():
+            ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                                    eos_token_id=None, pad_token_id=2)[0, len(prompt):].tolist()
+        assert o.outputs[0].token_ids == ref

@@ -1,0 +1,143 @@
+"""Decode speed of keel against transformers `generate` on the built-in model's weights, same run.
+
+    .venv/bin/python bench/decode.py [--new-tokens 64] [--out bench/results/decode.md]
+
+Both run greedy decoding with a short prompt and a fixed number of new tokens at batch 1 and 16.
+transformers runs the same dequantized weights (loaded through keel's GGUF reader into its own
+LlamaForCausalLM) in float32 and bfloat16, and the faster is the baseline. Also reports the fraction
+of this machine's memory bandwidth keel reaches at batch 1: weight bytes read per token times
+tokens/s over a measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+from keel import LLM, SamplingParams
+from keel.models.loader import default_model_path
+
+
+def copy_bandwidth(gib: float = 1.0, repeat: int = 5) -> float:
+    """Bytes read plus written per second by a large tensor copy."""
+    src = torch.ones(int(gib * 2**30) // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights a batch-1 decode step reads: everything but the embedding table, which is
+    read once more as the output head when tied; only one embedding row is read otherwise."""
+    total = 0
+    for name, p in model.named_parameters():
+        if name.endswith("embed_tokens.weight") and model.lm_head is not None:
+            continue
+        total += p.numel() * p.element_size()
+    return total
+
+
+def prompts(batch: int) -> list[str]:
+    return [f"Write a short story about a lighthouse keeper number {i}." for i in range(batch)]
+
+
+def bench_keel(llm: LLM, batch: int, new: int) -> float:
+    p = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    llm.generate(prompts(batch), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    t = time.perf_counter()
+    outs = llm.generate(prompts(batch), p)
+    dt = time.perf_counter() - t
+    assert all(len(o.outputs[0].token_ids) == new for o in outs)
+    return batch * new / dt
+
+
+def hf_model(dtype: torch.dtype):
+    import transformers
+    from keel.models.gguf import read_gguf
+    g = read_gguf(default_model_path())
+    cfg = transformers.LlamaConfig(**{k: v for k, v in g.config.items() if k not in ("architectures", "torch_dtype")})
+    model = transformers.LlamaForCausalLM(cfg)
+    model.load_state_dict(dict(g.tensors()), strict=False)
+    model.tie_weights()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=g.tokenizer, pad_token=g.eos_token)
+    tok.padding_side = "left"
+    return model.to(dtype).eval(), tok
+
+
+def bench_hf(model, tok, batch: int, new: int) -> float:
+    enc = tok(prompts(batch), return_tensors="pt", padding=True)
+    kw = dict(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        model.generate(**enc, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+        t = time.perf_counter()
+        out = model.generate(**enc, **kw)
+        dt = time.perf_counter() - t
+    assert out.shape[1] - enc["input_ids"].shape[1] == new
+    return batch * new / dt
+
+
+def machine() -> str:
+    try:
+        cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
+    except (OSError, IndexError):
+        cpu = platform.processor()
+    flags = open("/proc/cpuinfo").read() if platform.system() == "Linux" else ""
+    isa = "AMX" if "amx_tile" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "?"
+    return f"{cpu} ({isa}), {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+
+    bw = copy_bandwidth()
+    llm = LLM()
+    dtype = llm.engine.dtype
+    wbytes = weight_bytes_per_token(llm.engine.model)
+    keel_tps = {b: bench_keel(llm, b, args.new_tokens) for b in batches}
+    del llm
+
+    hf_tps = {}
+    for dt in (torch.float32, torch.bfloat16):
+        model, tok = hf_model(dt)
+        hf_tps[dt] = {b: bench_hf(model, tok, b, args.new_tokens) for b in batches}
+        del model
+    rows = []
+    rows.append(f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}")
+    rows.append(f"Built-in model SmolLM2-135M-Instruct (GGUF dequantized), greedy, {args.new_tokens} new tokens, "
+                f"keel dtype {str(dtype).replace('torch.', '')} (auto)")
+    rows.append("")
+    rows.append("| batch | keel tok/s | transformers fp32 tok/s | transformers bf16 tok/s | keel / best transformers |")
+    rows.append("|---|---|---|---|---|")
+    for b in batches:
+        best = max(hf_tps[torch.float32][b], hf_tps[torch.bfloat16][b])
+        rows.append(f"| {b} | {keel_tps[b]:.1f} | {hf_tps[torch.float32][b]:.1f} | "
+                    f"{hf_tps[torch.bfloat16][b]:.1f} | {keel_tps[b] / best:.2f}x |")
+    frac = wbytes * keel_tps[batches[0]] / bw
+    rows.append("")
+    rows.append(f"Copy bandwidth {bw / 1e9:.1f} GB/s (read + write); keel reads {wbytes / 1e6:.0f} MB of weights "
+                f"per token at batch {batches[0]}: {wbytes * keel_tps[batches[0]] / 1e9:.1f} GB/s, "
+                f"{frac:.2f} of the copy bandwidth.")
+    text = "\n".join(rows)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("# bench/decode.py\n\n" + text + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
