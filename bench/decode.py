@@ -37,13 +37,16 @@ def copy_bandwidth(gib: float = 1.0, repeat: int = 5) -> float:
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
-    """Bytes of weights a batch-1 decode step reads: everything but the embedding table, which is
-    read once more as the output head when tied; only one embedding row is read otherwise."""
+    """Bytes of weights a batch-1 decode step reads: every projection and the output head (packed or
+    not), and the norms; of the embedding table only one row, so it is not counted."""
+    from keel.layers.linear import Linear
     total = 0
-    for name, p in model.named_parameters():
-        if name.endswith("embed_tokens.weight") and model.lm_head is not None:
-            continue
-        total += p.numel() * p.element_size()
+    for m in model.modules():
+        if isinstance(m, Linear):
+            total += m.weight_bytes()
+    if model.lm_head is None and model.tied_head is None:
+        total += model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
+    total += sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "norm" in n)
     return total
 
 
@@ -51,14 +54,19 @@ def prompts(batch: int) -> list[str]:
     return [f"Write a short story about a lighthouse keeper number {i}." for i in range(batch)]
 
 
+REPEAT = 3  # best of: these machines are shared and noisy; the best run is the least disturbed
+
+
 def bench_keel(llm: LLM, batch: int, new: int) -> float:
     p = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     llm.generate(prompts(batch), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    t = time.perf_counter()
-    outs = llm.generate(prompts(batch), p)
-    dt = time.perf_counter() - t
-    assert all(len(o.outputs[0].token_ids) == new for o in outs)
-    return batch * new / dt
+    best = 0.0
+    for _ in range(REPEAT):
+        t = time.perf_counter()
+        outs = llm.generate(prompts(batch), p)
+        best = max(best, batch * new / (time.perf_counter() - t))
+        assert all(len(o.outputs[0].token_ids) == new for o in outs)
+    return best
 
 
 def hf_model(dtype: torch.dtype):
@@ -79,11 +87,13 @@ def bench_hf(model, tok, batch: int, new: int) -> float:
     kw = dict(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=tok.pad_token_id)
     with torch.no_grad():
         model.generate(**enc, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
-        t = time.perf_counter()
-        out = model.generate(**enc, **kw)
-        dt = time.perf_counter() - t
-    assert out.shape[1] - enc["input_ids"].shape[1] == new
-    return batch * new / dt
+        best = 0.0
+        for _ in range(REPEAT):
+            t = time.perf_counter()
+            out = model.generate(**enc, **kw)
+            best = max(best, batch * new / (time.perf_counter() - t))
+            assert out.shape[1] - enc["input_ids"].shape[1] == new
+    return best
 
 
 def machine() -> str:
@@ -118,7 +128,7 @@ def main() -> None:
         del model
     rows = []
     rows.append(f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}")
-    rows.append(f"Built-in model SmolLM2-135M-Instruct (GGUF dequantized), greedy, {args.new_tokens} new tokens, "
+    rows.append(f"Built-in model SmolLM2-135M-Instruct (GGUF dequantized), greedy, {args.new_tokens} new tokens, best of {REPEAT}, "
                 f"keel dtype {str(dtype).replace('torch.', '')} (auto)")
     rows.append("")
     rows.append("| batch | keel tok/s | transformers fp32 tok/s | transformers bf16 tok/s | keel / best transformers |")

@@ -74,6 +74,8 @@ class LLMEngine:
         self.scheduler_config = sched_cfg
 
         self.model = build_model(ckpt, self.dtype, self.device, self.max_model_len)
+        if self.device.type == "cpu":
+            self.model.pack_for_cpu()
         self.pool = BlockPool(num_blocks, cache.enable_prefix_caching)
         self.scheduler = Scheduler(sched_cfg, self.pool, cache.block_size)
         self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.dtype, self.device)

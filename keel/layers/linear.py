@@ -57,4 +57,38 @@ class Linear(nn.Module):
         self._load(param, loaded, shard, "bias")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    packed: torch.Tensor | None = None
+
+    def pack_for_cpu(self) -> bool:
+        """Reorder the weight into oneDNN's blocked layout and drop the dense copy.
+
+        Measured on a 2-core AVX2 EPYC, float32 (bench/results/linear.md): a 3072x576 projection at
+        16 tokens 0.6 ms packed against 1.15 ms for F.linear (MKL), the 49152x576 output head 4.5 ms
+        against 10.5 ms at 1 token and 11 ms against 31 ms at 16. The layout is tuned for about 16
+        rows (the hint), which also serves 1-row decode and long prefills well. Falls back to
+        F.linear (returns False) where this torch build or CPU lacks the kernels.
+        """
+        if self.weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+            return False
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, 16)
+            x = torch.randn(3, self.in_features, dtype=self.weight.dtype)
+            got = torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+            want = F.linear(x, self.weight, self.bias)
+            if not torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-3 * float(want.abs().max()) + 1e-6):
+                return False
+        except (RuntimeError, AttributeError):  # op missing, or dtype not supported on this CPU
+            return False
+        self.packed = packed
+        self.weight_bytes_packed = self.weight.numel() * self.weight.element_size()
+        self.weight.data = torch.empty(0, dtype=self.weight.dtype)
+        return True
+
+    def weight_bytes(self) -> int:
+        if self.packed is not None:
+            return self.weight_bytes_packed
+        return self.weight.numel() * self.weight.element_size()

@@ -41,10 +41,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos().float().to(device), persistent=False)
         self.register_buffer("sin", freqs.sin().float().to(device), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        # q: [T, H, D], k: [T, KVH, D], positions: [T]
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, 1, D/2] for a step's positions [T]: looked up once per step, used by every layer."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    @staticmethod
+    def apply(rope: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
+        # q: [T, H, D], k: [T, KVH, D]
+        cos, sin = rope
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 

@@ -17,7 +17,7 @@ class Attention(nn.Module):
     qkv_bias = False  # Qwen2 turns this on
     qk_norm = False  # Qwen3 turns this on
 
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype, device) -> None:
+    def __init__(self, cfg: ModelConfig, dtype, device) -> None:
         super().__init__()
         H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size, self.num_heads, self.num_kv_heads, self.head_dim = H * D, KVH * D, H, KVH, D
@@ -28,10 +28,9 @@ class Attention(nn.Module):
         if self.qk_norm:
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps, dtype, device)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps, dtype, device)
-        self.rotary = rotary
         self.attn = PagedAttention(H, KVH, D, D ** -0.5)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, meta: AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
@@ -39,7 +38,7 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        q, k = RotaryEmbedding.apply(rope, q, k)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
@@ -59,15 +58,15 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     attention_cls = Attention
 
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype, device) -> None:
+    def __init__(self, cfg: ModelConfig, dtype, device) -> None:
         super().__init__()
-        self.self_attn = self.attention_cls(cfg, rotary, dtype, device)
+        self.self_attn = self.attention_cls(cfg, dtype, device)
         self.mlp = MLP(cfg, dtype, device)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
 
-    def forward(self, x, positions, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, meta)
+    def forward(self, x, rope, meta):
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -82,29 +81,55 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype, device) -> None:
         super().__init__()
         self.config = cfg
-        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         self.model.embed_tokens.weight.requires_grad_(False)
-        self.model.layers = nn.ModuleList(self.layer_cls(cfg, rotary, dtype, device) for _ in range(cfg.num_layers))
+        self.model.layers = nn.ModuleList(self.layer_cls(cfg, dtype, device) for _ in range(cfg.num_layers))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, device=device)
+        self.tied_head: Linear | None = None  # a packed copy of the tied embedding, see pack_for_cpu
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden states [T, hidden]
         x = self.model.embed_tokens(input_ids)
+        rope = self.rotary.lookup(positions)
         for layer in self.model.layers:
-            x = layer(x, positions, meta)
+            x = layer(x, rope, meta)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # Logits in float32: sampling and log-probabilities want the precision.
+        if self.tied_head is not None:
+            return self.tied_head(hidden).float()
         if self.lm_head is None:
             return F.linear(hidden, self.model.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
+
+    def pack_for_cpu(self) -> None:
+        """Move every projection to the CPU's fastest matmul layout (see Linear.pack_for_cpu). A tied
+        output head gets its own packed copy: the embedding lookup still needs the plain table."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.pack_for_cpu()
+        if self.lm_head is None:
+            head = Linear(self.config.hidden_size, self.config.vocab_size, dtype=self.model.embed_tokens.weight.dtype)
+            head.weight.data = self.model.embed_tokens.weight.data
+            if head.pack_for_cpu():
+                self.tied_head = head
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights held (a packed tied head counted once more)."""
+        total = 0
+        for name, p in self.named_parameters():
+            total += p.numel() * p.element_size()
+        for m in self.modules():
+            if isinstance(m, Linear) and m.packed is not None:
+                total += m.weight_bytes()
+        return total
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]
