@@ -46,10 +46,9 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
     @staticmethod
-    def apply(rope: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
-        # q: [T, H, D], k: [T, KVH, D]
-        cos, sin = rope
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    def apply(rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        # x: [T, heads, D] (query and key heads together)
+        return _rotate(x, *rope)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

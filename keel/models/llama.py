@@ -31,15 +31,14 @@ class Attention(nn.Module):
         self.attn = PagedAttention(H, KVH, D, D ** -0.5)
 
     def forward(self, x: torch.Tensor, rope, meta: AttentionMetadata) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        T, H, KVH, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x).view(T, H + 2 * KVH, D)
+        qk, v = qkv[:, :H + KVH], qkv[:, H + KVH:]
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = RotaryEmbedding.apply(rope, q, k)
-        return self.o_proj(self.attn(q, k, v, meta))
+            qk = torch.cat((self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])), dim=1)
+        # q and k heads sit side by side in the fused output: one rotation covers both.
+        qk = RotaryEmbedding.apply(rope, qk)
+        return self.o_proj(self.attn(qk[:, :H], qk[:, H:], v, meta))
 
 
 class MLP(nn.Module):

@@ -1,0 +1,157 @@
+"""One engine loop serving many concurrent callers.
+
+The engine is not thread-safe, so one thread owns it: between steps it takes new requests and aborts
+from a command queue, then runs a step and hands each output to its caller's asyncio queue. Callers
+on the event loop never block it, and concurrent requests land in the same batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from keel.engine.llm_engine import LLMEngine
+from keel.errors import KeelError
+from keel.outputs import RequestOutput
+from keel.sampling_params import SamplingParams
+
+log = logging.getLogger("keel.engine")
+
+
+class QueueFullError(KeelError):
+    """Too many requests are waiting; the caller should retry later."""
+
+
+class EngineDeadError(KeelError):
+    """The engine loop stopped after an internal error."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    arrival: float = field(default_factory=time.monotonic)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_waiting: int = 256) -> None:
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._pending_adds = 0
+        self._lock = threading.Lock()  # guards _pending_adds
+        self.dead: BaseException | None = None
+        self.num_steps = 0
+        self.max_running_seen = 0
+        self._thread = threading.Thread(target=self._loop, name="keel-engine", daemon=True)
+        self._thread.start()
+
+    # -- called from the event loop --------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.engine.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return self.engine.scheduler.num_waiting + self._pending_adds
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.engine.pool.usage
+
+    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                       adapter_id: int | None = None) -> AsyncIterator[RequestOutput]:
+        """Yields outputs (with deltas) until the request finishes. Leaving the iteration early (a client
+        that disconnected) aborts the request and frees its KV blocks at the next step."""
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine stopped: {self.dead}")
+        with self._lock:
+            if self.num_waiting >= self.max_waiting:
+                raise QueueFullError(f"{self.num_waiting} requests are waiting (limit {self.max_waiting})")
+            self._pending_adds += 1
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue())
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("add", request_id, prompt, params, adapter_id, stream, fut))
+        await asyncio.wrap_future(fut)  # raises the engine's validation error, if any
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise EngineDeadError(f"the engine stopped: {item}")
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def shutdown(self) -> None:
+        self._commands.put(("stop",))
+        self._thread.join(timeout=10)
+
+    # -- the engine thread -----------------------------------------------------------------
+    def _handle(self, cmd) -> bool:
+        kind = cmd[0]
+        if kind == "stop":
+            return False
+        if kind == "abort":
+            self.engine.abort_request(cmd[1])
+            stream = self._streams.pop(cmd[1], None)
+            del stream
+        elif kind == "add":
+            _, rid, prompt, params, adapter_id, stream, fut = cmd
+            with self._lock:
+                self._pending_adds -= 1
+            try:
+                self.engine.add_request(rid, prompt, params, adapter_id)
+            except BaseException as e:  # validation errors go back to the caller, not up this thread
+                fut.set_exception(e)
+            else:
+                self._streams[rid] = stream
+                fut.set_result(None)
+        return True
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                block = not self.engine.has_unfinished_requests()
+                try:
+                    cmd = self._commands.get(block=block)
+                    if not self._handle(cmd):
+                        return
+                    while True:  # drain everything that arrived, so it joins this step
+                        if not self._handle(self._commands.get_nowait()):
+                            return
+                except queue.Empty:
+                    pass
+                if not self.engine.has_unfinished_requests():
+                    continue
+                outputs = self.engine.step()
+                self.num_steps += 1
+                self.max_running_seen = max(self.max_running_seen, self.num_running)
+                for out in outputs:
+                    stream = self._streams.get(out.request_id)
+                    if stream is None:
+                        continue
+                    if out.finished:
+                        del self._streams[out.request_id]
+                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+        except BaseException as e:  # an engine bug: fail every caller instead of hanging them
+            log.exception("engine loop stopped")
+            self.dead = e
+            for stream in self._streams.values():
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, e)
+            self._streams.clear()
