@@ -1,6 +1,6 @@
 """Decode speed of keel against transformers `generate` on the built-in model's weights, same run.
 
-    .venv/bin/python bench/decode.py [--new-tokens 64] [--out bench/results/decode.md]
+    .venv/bin/python -m bench.decode [--new-tokens 64] [--out bench/results/decode.md]
 
 Both run greedy decoding with a short prompt and a fixed number of new tokens at batch 1 and 16.
 transformers runs the same dequantized weights (loaded through keel's GGUF reader into its own

@@ -45,7 +45,7 @@ def matmul_seconds(dtype: torch.dtype, device: torch.device, rows: int, repeat: 
 def default_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 on GPUs that have it; on a CPU whichever of bfloat16 and float32 runs a decoder-shaped
     matmul faster at batch 1 and 16, measured once per process (about 50 ms): CPUs with AMX or
-    AVX512-BF16 favour bfloat16, plain AVX2 ones float32 by a wide margin (bench/results/dtype.md)."""
+    AVX512-BF16 favour bfloat16, plain AVX2 ones float32 by a wide margin (bench/kernels.py, bench/results/kernels.md)."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     key = str(device)

@@ -66,7 +66,7 @@ class Linear(nn.Module):
     def pack_for_cpu(self) -> bool:
         """Reorder the weight into oneDNN's blocked layout and drop the dense copy.
 
-        Measured on a 2-core AVX2 EPYC, float32 (bench/results/linear.md): a 3072x576 projection at
+        Measured on a 2-core AVX2 EPYC, float32 (bench/kernels.py, bench/results/kernels.md): a 3072x576 projection at
         16 tokens 0.6 ms packed against 1.15 ms for F.linear (MKL), the 49152x576 output head 4.5 ms
         against 10.5 ms at 1 token and 11 ms against 31 ms at 16. The layout is tuned for about 16
         rows (the hint), which also serves 1-row decode and long prefills well. Falls back to
