@@ -17,30 +17,33 @@ from torch import nn
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: cache slot (block * block_size + offset) of each new token
-    gather_slots: torch.Tensor  # [B, L] int64: cache slots of each request's context, padded with slot 0
-    attn_mask: torch.Tensor | None  # [B, 1, Q, L] bool, True where attention is allowed; None: no masking needed
+    gather_blocks: torch.Tensor  # [B, NB] int64: each request's block table, padded with block 0
+    attn_mask: torch.Tensor | None  # [B, 1, Q, NB * block_size] bool, True where attention is allowed
     query_index: torch.Tensor | None  # [T] int64 into a flattened [B * Q] layout; None when every request has Q tokens
     batch_size: int
     max_query_len: int
+    block_size: int
 
     @classmethod
     def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
               block_size: int, device: torch.device) -> "AttentionMetadata":
         """query_lens: tokens computed this step per request; context_lens: tokens in the cache after it."""
-        B, Q, L = len(query_lens), max(query_lens), max(context_lens)
-        slots, gather = [], torch.zeros(B, L, dtype=torch.int64)
+        B, Q = len(query_lens), max(query_lens)
+        NB = max(-(-c // block_size) for c in context_lens)
+        L = NB * block_size
+        gather = torch.zeros(B, NB, dtype=torch.int64)
+        slots = []
         for b, (q, c, table) in enumerate(zip(query_lens, context_lens, block_tables)):
-            t = torch.tensor(table, dtype=torch.int64)
-            pos = torch.arange(c, dtype=torch.int64)
-            row = t[pos // block_size] * block_size + pos % block_size
-            gather[b, :c] = row
-            slots.append(row[c - q:])
+            t = torch.tensor(table[:-(-c // block_size)], dtype=torch.int64)
+            gather[b, :len(t)] = t
+            pos = torch.arange(c - q, c, dtype=torch.int64)
+            slots.append(t[pos // block_size] * block_size + pos % block_size)
         slot_mapping = torch.cat(slots)
 
-        q_lens = torch.tensor(query_lens)
-        c_lens = torch.tensor(context_lens)
         mask = None
-        if Q > 1 or len(set(context_lens)) > 1:
+        if Q > 1 or any(c != L for c in context_lens):
+            q_lens = torch.tensor(query_lens)
+            c_lens = torch.tensor(context_lens)
             i = torch.arange(Q).view(1, Q, 1)
             j = torch.arange(L).view(1, 1, L)
             # query i of request b sits at absolute position c_b - q_b + i and sees keys up to it
@@ -51,7 +54,7 @@ class AttentionMetadata:
         query_index = None
         if len(set(query_lens)) > 1:
             query_index = torch.cat([b * Q + torch.arange(q) for b, q in enumerate(query_lens)]).to(device)
-        return cls(slot_mapping.to(device), gather.to(device), mask, query_index, B, Q)
+        return cls(slot_mapping.to(device), gather.to(device), mask, query_index, B, Q, block_size)
 
 
 class PagedAttention(nn.Module):
@@ -66,8 +69,12 @@ class PagedAttention(nn.Module):
         self.k_cache.index_copy_(0, meta.slot_mapping, k)
         self.v_cache.index_copy_(0, meta.slot_mapping, v)
         B, Q, H, D = meta.batch_size, meta.max_query_len, self.num_heads, self.head_dim
-        keys = self.k_cache[meta.gather_slots].transpose(1, 2)  # [B, KVH, L, D]
-        values = self.v_cache[meta.gather_slots].transpose(1, 2)
+        # Whole blocks by index_select: 5x faster on CPU than indexing slot by slot (bench/kernels.py).
+        blocks = meta.gather_blocks.view(-1)
+        shape = (B, -1, self.num_kv_heads, D)
+        keys = self.k_cache.view(-1, meta.block_size, self.num_kv_heads, D).index_select(0, blocks)
+        values = self.v_cache.view(-1, meta.block_size, self.num_kv_heads, D).index_select(0, blocks)
+        keys, values = keys.view(shape).transpose(1, 2), values.view(shape).transpose(1, 2)  # [B, KVH, L, D]
         if meta.query_index is None:
             qp = q.view(B, Q, H, D)
         else:
