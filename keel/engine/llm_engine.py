@@ -17,7 +17,7 @@ from keel.engine.model_runner import ModelRunner
 from keel.engine.request import Request
 from keel.engine.scheduler import Scheduler
 from keel.errors import InvalidRequestError
-from keel.models.loader import build_model, open_checkpoint, resolve_model
+from keel.models.loader import DEFAULT_MODEL_NAME, build_model, open_checkpoint, resolve_model
 from keel.outputs import CompletionOutput, Logprob, RequestOutput
 from keel.sampling_params import SamplingParams
 
@@ -48,7 +48,7 @@ class LLMEngine:
         self.dtype = parse_dtype(dtype, self.device)
         self.model_path = resolve_model(model)
         ckpt = open_checkpoint(self.model_path)
-        self.model_name = ckpt.name
+        self.model_name = DEFAULT_MODEL_NAME if model is None else ckpt.name
         self.model_config = cfg = ckpt.config
         self.tokenizer = ckpt.tokenizer
         self.checkpoint_files = ckpt.files
