@@ -20,14 +20,18 @@ from bench.decode import machine
 SHAPES = [(960, 576, "qkv"), (3072, 576, "gate_up"), (576, 1536, "down"), (49152, 576, "output head")]
 
 
-def best_times(fns, rounds: int = 60) -> list[float]:
-    """Fastest of many interleaved runs of each candidate: robust to other work on a shared machine."""
+def best_times(fns, rounds: int = 5, calls: int = 20) -> list[float]:
+    """Per-call time of each candidate: the best of several rounds of back-to-back calls. Candidates
+    take turns round by round (so a noisy moment hits all of them), but each round runs one kernel
+    repeatedly: alternating kernels call by call makes their thread pools wait on each other."""
     best = [float("inf")] * len(fns)
     for _ in range(rounds):
         for i, f in enumerate(fns):
-            t = time.perf_counter()
             f()
-            best[i] = min(best[i], time.perf_counter() - t)
+            t = time.perf_counter()
+            for _ in range(calls):
+                f()
+            best[i] = min(best[i], (time.perf_counter() - t) / calls)
     return best
 
 
@@ -63,7 +67,7 @@ def main() -> None:
             x = torch.randn(m, in_f)
             xb = x.bfloat16()
             a, b, c = best_times([lambda: F.linear(x, w), lambda: F.linear(xb, wb),
-                                  lambda: lp(x, packed, None, "none", [], "")], rounds=15 if out_f > 10000 else 40)
+                                  lambda: lp(x, packed, None, "none", [], "")], calls=5 if out_f > 10000 else 20)
             rows.append(f"| {name} ({out_f}x{in_f}) | {m} | {a * 1e6:.0f} | {b * 1e6:.0f} | {c * 1e6:.0f} | {c / a:.2f}x |")
     rows += gather_rows()
     text = "\n".join(rows)
