@@ -1,20 +1,25 @@
-"""The `keel` command: generate and chat (serve comes with the HTTP server)."""
+"""The `keel` command: generate, chat and serve."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from keel.errors import KeelError
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="model folder, GGUF file or hub id (default: the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default=None, help="auto (default: the faster of bfloat16/float32 here), float32, bfloat16, float16")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt plus output, in tokens")
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate per answer")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--seed", type=int, default=None, help="seed for sampled generation")
@@ -84,6 +89,28 @@ def cmd_chat(args) -> int:
         history.append({"role": "assistant", "content": reply})
 
 
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from keel.config import SchedulerConfig
+    from keel.engine.llm_engine import LLMEngine
+    from keel.models.loader import DEFAULT_MODEL_NAME
+    from keel.server import create_app
+
+    engine = LLMEngine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                       scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs))
+    name = args.served_model_name
+    if not name:
+        # a hub id is served under that id; a local folder or file under its own name
+        local = args.model is None or os.path.exists(args.model)
+        name = DEFAULT_MODEL_NAME if args.model is None else engine.model_name if local else args.model
+    app = create_app(engine, served_model_name=name, api_key=args.api_key or os.environ.get("KEEL_API_KEY"),
+                     max_waiting=args.max_waiting)
+    print(f"keel: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="keel", description="Run open LLMs on your own machines.")
     parser.add_argument("--log-level", default="WARNING")
@@ -98,6 +125,19 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--system", default=None, help="system message")
     _engine_args(c)
     c.set_defaults(func=cmd_chat)
+    s = sub.add_parser("serve", help="serve a model behind the OpenAI HTTP API")
+    s.add_argument("model_pos", nargs="?", metavar="MODEL", help="same as --model")
+    _model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", default=None,
+                   help="the model name clients send (default: the model folder or file name)")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $KEEL_API_KEY; none: open)")
+    s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences running in one batch")
+    s.add_argument("--max-waiting", type=int, default=256,
+                   help="most requests waiting for a batch slot; beyond it requests get 429 with Retry-After")
+    s.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)
     if getattr(args, "model_pos", None):
         args.model = args.model_pos

@@ -67,11 +67,15 @@ class AsyncEngine:
         return self.engine.pool.usage
 
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                       adapter_id: int | None = None) -> AsyncIterator[RequestOutput]:
+                       adapter_id: int | None = None, adapter: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yields outputs (with deltas) until the request finishes. Leaving the iteration early (a client
-        that disconnected) aborts the request and frees its KV blocks at the next step."""
+        that disconnected) aborts the request and frees its KV blocks at the next step.
+        adapter: a registered LoRA adapter's name; LoRANotFoundError / LoRAError before any output."""
         if self.dead is not None:
             raise EngineDeadError(f"the engine stopped: {self.dead}")
+        if adapter is not None:
+            # Validation reads the adapter's files: on a worker thread, so the engine loop never waits on it.
+            adapter_id = await asyncio.get_running_loop().run_in_executor(None, self.engine.validate_lora, adapter)
         with self._lock:
             if self.num_waiting >= self.max_waiting:
                 raise QueueFullError(f"{self.num_waiting} requests are waiting (limit {self.max_waiting})")
@@ -80,9 +84,10 @@ class AsyncEngine:
         stream = _Stream(loop, asyncio.Queue())
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put(("add", request_id, prompt, params, adapter_id, stream, fut))
-        await asyncio.wrap_future(fut)  # raises the engine's validation error, if any
         finished = False
         try:
+            # Inside the try: a caller cancelled while the engine takes the request still aborts it.
+            await asyncio.wrap_future(fut)  # raises the engine's validation error, if any
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
@@ -115,6 +120,8 @@ class AsyncEngine:
             _, rid, prompt, params, adapter_id, stream, fut = cmd
             with self._lock:
                 self._pending_adds -= 1
+            if not fut.set_running_or_notify_cancel():
+                return True  # the caller gave up before the engine got here
             try:
                 self.engine.add_request(rid, prompt, params, adapter_id)
             except BaseException as e:  # validation errors go back to the caller, not up this thread
@@ -148,10 +155,31 @@ class AsyncEngine:
                         continue
                     if out.finished:
                         del self._streams[out.request_id]
-                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+                    if not self._deliver(stream, out):  # the caller's event loop is gone
+                        self._streams.pop(out.request_id, None)
+                        self.engine.abort_request(out.request_id)
         except BaseException as e:  # an engine bug: fail every caller instead of hanging them
             log.exception("engine loop stopped")
             self.dead = e
             for stream in self._streams.values():
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, e)
+                self._deliver(stream, e)
             self._streams.clear()
+            self._fail_pending(e)
+
+    @staticmethod
+    def _deliver(stream: _Stream, item) -> bool:
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            return True
+        except RuntimeError:  # "Event loop is closed"
+            return False
+
+    def _fail_pending(self, error: BaseException) -> None:
+        """Answer every add still queued, so no caller waits forever on a dead engine."""
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add" and cmd[-1].set_running_or_notify_cancel():
+                cmd[-1].set_exception(EngineDeadError(f"the engine stopped: {error}"))

@@ -1,0 +1,149 @@
+"""The FastAPI app: one AsyncEngine behind the OpenAI endpoints, plus /health and /metrics.
+
+`create_app` takes an already loaded engine, so the CLI, tests and (later) the gateway each decide how
+the model is loaded and how the app is run.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ValidationError
+
+import keel
+from keel.engine.async_engine import AsyncEngine
+from keel.engine.llm_engine import LLMEngine
+from keel.outputs import RequestOutput
+from keel.sampling_params import SamplingParams
+from keel.server import errors
+from keel.server.errors import APIError, context_length_exceeded, from_validation, model_not_found
+from keel.server.fingerprint import created_time, system_fingerprint
+from keel.server.metrics import Metrics
+
+DEFAULT_MAX_WAITING = 256
+
+
+@dataclass
+class ServerState:
+    engine: LLMEngine
+    aeng: AsyncEngine
+    served_model_name: str
+    api_key: str | None
+    fingerprint: str
+    created: int
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def check_model(self, name: str) -> None:
+        if name != self.served_model_name:
+            raise model_not_found(name)
+
+    def max_tokens_for(self, prompt_len: int, requested: int | None, where: str) -> int:
+        """The completion budget, or a context_length_exceeded error. Unlike the engine, which would
+        quietly shorten max_tokens to fit, the API refuses a request that cannot get what it asked."""
+        limit = self.engine.max_model_len
+        if requested is None:
+            if prompt_len >= limit:
+                raise context_length_exceeded(limit, prompt_len, None, where)
+            return limit - prompt_len
+        if prompt_len + requested > limit:
+            raise context_length_exceeded(limit, prompt_len, requested, where)
+        return requested
+
+    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 arrival: float) -> AsyncIterator[RequestOutput]:
+        return self.metrics.track(self.aeng.generate(request_id, prompt_ids, params), arrival)
+
+    def model_card(self) -> dict:
+        return {"id": self.served_model_name, "object": "model", "created": self.created, "owned_by": "keel",
+                "max_model_len": self.engine.max_model_len}
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.keel
+
+
+async def read_body(request: Request, model: type[BaseModel]):
+    """The JSON body as `model`. Read by hand rather than by FastAPI so that a body sent without
+    `Content-Type: application/json` (curl -d) is still read as JSON, as OpenAI's API does."""
+    try:
+        data = json.loads(await request.body())
+    except ValueError as e:
+        raise APIError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise from_validation(e) from None
+
+
+async def require_api_key(request: Request) -> None:
+    key = get_state(request).api_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+                       code="invalid_api_key")
+    # constant-time, so response timing does not reveal how much of a guessed key was right
+    if not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+
+def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None = None,
+               max_waiting: int = DEFAULT_MAX_WAITING) -> FastAPI:
+    from keel.server import chat, completions  # endpoint modules import this one for ServerState
+
+    aeng = AsyncEngine(engine, max_waiting=max_waiting)
+    state = ServerState(engine, aeng, served_model_name, api_key or None, system_fingerprint(engine),
+                        created_time(engine))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        aeng.shutdown()
+
+    app = FastAPI(title="keel", version=keel.__version__, lifespan=lifespan, debug=False)
+    app.state.keel = state
+    errors.install(app)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+    v1.include_router(chat.router)
+    v1.include_router(completions.router)
+
+    @v1.get("/models")
+    async def list_models(request: Request):
+        return {"object": "list", "data": [get_state(request).model_card()]}
+
+    @v1.get("/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request):
+        s = get_state(request)
+        s.check_model(model_id)
+        return s.model_card()
+
+    app.include_router(v1)
+
+    # /health and /metrics stay open when an API key is set: load balancers and Prometheus scrape
+    # them without credentials, and they reveal no prompts or outputs.
+    @app.get("/health")
+    async def health(request: Request):
+        s = get_state(request)
+        if s.aeng.dead is not None:
+            return JSONResponse({"status": "error", "detail": "the engine loop stopped"}, status_code=503)
+        return {"status": "ok", "model": s.served_model_name}
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        s = get_state(request)
+        return PlainTextResponse(s.metrics.render(s.aeng), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+def now() -> int:
+    return int(time.time())

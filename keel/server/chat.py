@@ -1,0 +1,124 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from keel.outputs import CompletionOutput, Logprob
+from keel.server.app import get_state, now, read_body
+from keel.server.errors import from_exception
+from keel.server.protocol import ChatCompletionRequest
+from keel.server.streaming import STREAM_HEADERS, Fanin, safe_logprob, sse_stream, start, unless_disconnected
+
+router = APIRouter()
+
+
+def render_prompt(tokenizer, body: ChatCompletionRequest) -> list[int]:
+    return tokenizer.encode_chat([m.for_template() for m in body.messages], add_generation_prompt=True)
+
+
+@router.post("/chat/completions")
+async def create_chat_completion(request: Request):
+    arrival = time.monotonic()
+    body = await read_body(request, ChatCompletionRequest)
+    state = get_state(request)
+    state.check_model(body.model)
+    prompt_ids = render_prompt(state.engine.tokenizer, body)
+    max_tokens = state.max_tokens_for(len(prompt_ids), body.requested_max_tokens, "messages")
+    params = body.sampling_params(max_tokens, body.num_logprobs)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    fanin = await start(request, [state.generate(request_id, prompt_ids, params, arrival)])
+    head = {"id": request_id, "created": now(), "model": state.served_model_name,
+            "system_fingerprint": state.fingerprint}
+    if body.stream:
+        chunks = _chunks(fanin, head, params.n, body.include_usage, bool(body.logprobs),
+                         params.include_stop_str_in_output)
+        return StreamingResponse(sse_stream(chunks, lambda e: from_exception(e).body()),
+                                 media_type="text/event-stream", headers=STREAM_HEADERS)
+    final = await unless_disconnected(request, _last(fanin))
+    include_stop = params.include_stop_str_in_output
+    choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text, "refusal": None},
+                "logprobs": _logprobs(visible_logprobs(o, include_stop)) if body.logprobs else None,
+                "finish_reason": finish_reason(o)} for o in final.outputs]
+    return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage(final)})
+
+
+async def _last(fanin: Fanin):
+    final = None
+    try:
+        async for _, out in fanin:
+            final = out
+    finally:
+        await fanin.aclose()
+    return final
+
+
+async def _chunks(fanin: Fanin, head: dict, n: int, include_usage: bool, want_logprobs: bool,
+                  include_stop: bool) -> AsyncIterator[dict]:
+    head = {**head, "object": "chat.completion.chunk"}
+    if include_usage:
+        head["usage"] = None
+
+    def chunk(index: int, delta: dict, logprobs=None, reason=None) -> dict:
+        return {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
+
+    try:
+        for i in range(n):  # the role comes first, alone, as OpenAI sends it
+            yield chunk(i, {"role": "assistant", "content": ""})
+        sent = [0] * n  # logprobs already sent, per choice
+        done = [False] * n
+        last = None
+        async for _, out in fanin:
+            last = out
+            for o in out.outputs:  # finished choices stay in every output; skip them
+                i = o.index
+                if done[i]:
+                    continue
+                lps = None
+                if want_logprobs:
+                    new = visible_logprobs(o, include_stop)[sent[i]:]
+                    sent[i] += len(new)
+                    lps = _logprobs(new) if new else None
+                if not (o.delta_text or o.finished or lps):
+                    continue  # tokens held back by the detokenizer (a partial character or stop string)
+                delta = {"content": o.delta_text} if o.delta_text or lps else {}
+                yield chunk(i, delta, lps, finish_reason(o) if o.finished else None)
+                done[i] = o.finished
+        if include_usage and last is not None:
+            yield {**head, "choices": [], "usage": usage(last)}
+    finally:
+        await fanin.aclose()
+
+
+def finish_reason(o: CompletionOutput) -> str:
+    # "abort" only reaches a client that already left; the API has no such value
+    return o.finish_reason if o.finish_reason in ("stop", "length") else "stop"
+
+
+def visible_logprobs(o: CompletionOutput, include_stop: bool) -> list[Logprob]:
+    """Logprobs of the tokens in the text: a stop or end-of-sequence token that ended the output is
+    left out of the text by the engine (unless include_stop_str_in_output), so its logprob is too."""
+    lps = o.logprobs or []
+    hidden = (o.finish_reason == "stop" and isinstance(o.stop_reason, int) and not include_stop
+              and o.token_ids and o.token_ids[-1] == o.stop_reason and len(lps) == len(o.token_ids))
+    return lps[:-1] if hidden else lps
+
+
+def _logprobs(lps: list[Logprob]) -> dict:
+    def entry(token: str, lp: float) -> dict:
+        # bytes of the decoded text: a token that is part of a multi-byte character decodes to U+FFFD
+        return {"token": token, "logprob": safe_logprob(lp), "bytes": list(token.encode("utf-8"))}
+    return {"content": [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for _, t, v in lp.top]}
+                        for lp in lps], "refusal": None}
+
+
+def usage(out) -> dict:
+    completion = sum(len(o.token_ids) for o in out.outputs)
+    prompt = len(out.prompt_token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens}}

@@ -1,0 +1,272 @@
+"""Request bodies of the OpenAI endpoints, validated with pydantic, and their mapping to SamplingParams.
+
+Every model forbids unknown fields: a typo such as `temprature` is a 400 naming the field rather than
+a request that silently runs with the default. Fields that only make sense on a hosted service are
+declared, accepted and ignored (see HOSTED_ONLY_FIELDS); fields we cannot honour yet are declared
+and rejected with a message saying so, so the error names the feature rather than "unknown field".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from keel.errors import InvalidRequestError
+from keel.sampling_params import SamplingParams
+
+# Accepted and ignored: they steer storage, billing, routing or hosted tools that a self-hosted
+# server does not have, and ignoring them does not change the tokens a request gets back.
+HOSTED_ONLY_FIELDS = (
+    "store", "metadata", "service_tier", "parallel_tool_calls", "prediction", "reasoning_effort",
+    "web_search_options", "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
+    "safety_identifier", "verbosity", "moderation", "user",
+)
+
+
+class RequestError(ValueError):
+    """A request that parsed but cannot be served as asked; `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value") -> None:
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = False
+    include_obfuscation: bool | None = None  # we never add obfuscation padding; accepted for clients that send it
+
+
+class _SamplingFields(_Strict):
+    """Fields shared by chat and completions. Ranges follow the OpenAI reference where it has one."""
+    model: str
+    n: int | None = Field(1, ge=1, le=128)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    # vLLM's extensions, same names and meanings
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = False
+    min_tokens: int | None = Field(0, ge=0)
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = False
+    skip_special_tokens: bool | None = True
+    # hosted-only, ignored
+    store: Any = None
+    metadata: Any = None
+    service_tier: Any = None
+    user: Any = None
+    safety_identifier: Any = None
+    prompt_cache_key: Any = None
+    prompt_cache_retention: Any = None
+    prompt_cache_options: Any = None
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, v):
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError(f"at most 4 stop sequences are allowed, got {len(v)}")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_bias(cls, v):
+        for key, bias in (v or {}).items():
+            try:
+                int(key)
+            except ValueError:
+                raise ValueError(f"keys must be token ids written as strings, got {key!r}") from None
+            if not -100 <= bias <= 100:
+                raise ValueError(f"bias {bias} for token {key} is outside [-100, 100]")
+        return v
+
+    @model_validator(mode="after")
+    def _check_stream_options(self):
+        if self.stream_options is not None and not self.stream:
+            raise RequestError("stream_options is only allowed when stream is true", "stream_options")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        kw: dict[str, Any] = dict(
+            n=self.n or 1, max_tokens=max_tokens, logprobs=logprobs, seed=self.seed, stop=self.stop,
+            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            ignore_eos=bool(self.ignore_eos), min_tokens=self.min_tokens or 0,
+            stop_token_ids=self.stop_token_ids,
+            include_stop_str_in_output=bool(self.include_stop_str_in_output),
+            skip_special_tokens=self.skip_special_tokens is not False)
+        # null means "the default", as in OpenAI's API; only pass what the client set
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+                     "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None:
+                kw[name] = value
+        try:
+            return SamplingParams(**kw)
+        except InvalidRequestError as e:
+            # SamplingParams names the field first ("top_p=0 is invalid: ..."); map it back to ours
+            name = str(e).split("=", 1)[0]
+            raise RequestError(str(e), self._field_for(name)) from None
+
+    def _field_for(self, sampling_name: str) -> str | None:
+        return sampling_name if sampling_name in type(self).model_fields else None
+
+
+# -- chat ----------------------------------------------------------------------------------------
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Any = None  # a string or a list of text parts; checked below for a clearer message than a union's
+    name: str | None = None
+    tool_call_id: str | None = None  # role "tool"
+    tool_calls: list[dict[str, Any]] | None = None  # role "assistant": earlier calls, rendered by the template
+    refusal: str | None = None  # role "assistant": a refusal echoed back by the client; not shown to the model
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, v):
+        if v is not None and not isinstance(v, (str, list)):
+            raise ValueError("content must be a string or a list of text parts")
+        if isinstance(v, list):
+            for i, part in enumerate(v):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                if kind != "text":
+                    raise ValueError(f"content part {i} has type {kind!r}; only 'text' parts are supported")
+                if not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+                    raise ValueError(f"content part {i} must be {{'type': 'text', 'text': <string>}}")
+        return v
+
+    @model_validator(mode="after")
+    def _role_rules(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role!r} message needs content")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a 'tool' message needs tool_call_id")
+        return self
+
+    def for_template(self) -> dict:
+        msg = self.model_dump(exclude_none=True, exclude={"refusal"})
+        # Chat templates predate the developer role; it means what system meant for older models.
+        if msg["role"] == "developer":
+            msg["role"] = "system"
+        return msg
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    # hosted-only, ignored
+    parallel_tool_calls: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+    verbosity: Any = None
+    moderation: Any = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        later = "is not supported yet by this server"
+        if self.tools or self.functions:
+            raise RequestError(f"tool calling ({'tools' if self.tools else 'functions'}) {later}",
+                               "tools" if self.tools else "functions", "unsupported_parameter")
+        if self.tool_choice not in (None, "none", "auto") or self.function_call not in (None, "none", "auto"):
+            field = "tool_choice" if self.function_call in (None, "none", "auto") else "function_call"
+            raise RequestError(f"{field} needs tools, and tool calling {later}", field, "unsupported_parameter")
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise RequestError(f"response_format of type {kind!r} {later}; only {{'type': 'text'}} is",
+                               "response_format", "unsupported_parameter")
+        # Ignoring these would silently return text to a client that asked for audio.
+        if self.audio is not None or any(m != "text" for m in self.modalities or []):
+            raise RequestError("audio output is not supported: this server generates text only",
+                               "modalities" if self.audio is None else "audio", "unsupported_parameter")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError("top_logprobs needs logprobs to be true", "top_logprobs")
+        if (self.max_tokens is not None and self.max_completion_tokens is not None
+                and self.max_tokens != self.max_completion_tokens):
+            raise RequestError("max_tokens and max_completion_tokens disagree; send only max_completion_tokens",
+                               "max_tokens")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def _field_for(self, sampling_name: str) -> str | None:
+        if sampling_name == "max_tokens":
+            return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        if sampling_name == "logprobs":
+            return "top_logprobs"
+        return super()._field_for(sampling_name)
+
+
+# -- completions ---------------------------------------------------------------------------------
+class CompletionRequest(_SamplingFields):
+    prompt: Any  # a string, a list of strings, token ids, or a list of token-id lists; see _check_prompt
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, v):
+        def ids(x) -> bool:
+            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+        ok = isinstance(v, str) or (isinstance(v, list) and v and (
+            ids(v) or all(isinstance(p, str) for p in v) or all(ids(p) for p in v)))
+        if not ok:
+            raise ValueError("prompt must be a non-empty string, list of strings, list of token ids, "
+                             "or list of token-id lists")
+        return v
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.suffix is not None:
+            raise RequestError("suffix (insertion) is not supported: keel models complete text left to right",
+                               "suffix", "unsupported_parameter")
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise RequestError(f"best_of={self.best_of} is not supported; only best_of equal to n ({self.n or 1})",
+                               "best_of", "unsupported_parameter")
+        if self.echo and self.logprobs is not None:
+            raise RequestError("echo together with logprobs is not supported yet: the engine does not compute "
+                               "log-probabilities of prompt tokens", "echo", "unsupported_parameter")
+        if isinstance(self.prompt, list) and any(p in ("", []) for p in self.prompt):
+            raise RequestError("prompt must not hold empty prompts", "prompt")
+        return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
