@@ -42,3 +42,22 @@ class SchedulerConfig:
         _check(self.max_num_seqs > 0, "max_num_seqs", self.max_num_seqs, "must be > 0")
         _check(self.max_num_batched_tokens > 0, "max_num_batched_tokens", self.max_num_batched_tokens, "must be > 0")
         _check(self.max_model_len > 0, "max_model_len", self.max_model_len, "must be > 0")
+
+
+@dataclass
+class LoRAConfig:
+    max_loras: int = 8
+    """Adapters resident next to the model weights at once: one step mixes at most this many."""
+    max_lora_rank: int = 16
+    """Largest adapter rank accepted; each resident slot is sized for it."""
+    max_cpu_loras: int | None = None
+    """Loaded adapters kept in host memory (LRU), the rest are read from disk when needed; None: max_loras."""
+    check_base_model: bool = True
+    """Refuse an adapter whose adapter_config.json names a clearly different base model."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_loras > 0, "max_loras", self.max_loras, "must be > 0")
+        _check(self.max_lora_rank > 0, "max_lora_rank", self.max_lora_rank, "must be > 0")
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = self.max_loras
+        _check(self.max_cpu_loras > 0, "max_cpu_loras", self.max_cpu_loras, "must be > 0")

@@ -15,3 +15,11 @@ class UnsupportedModelError(ModelLoadError):
 
 class InvalidRequestError(KeelError, ValueError):
     """A prompt or sampling parameter is invalid."""
+
+
+class LoRAError(InvalidRequestError):
+    """A LoRA adapter cannot be registered, loaded or used (bad folder, unsupported feature, shape)."""
+
+
+class LoRANotFoundError(LoRAError):
+    """A request or call names an adapter that is not registered."""

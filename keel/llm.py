@@ -8,9 +8,10 @@
 
 from __future__ import annotations
 
-from keel.config import CacheConfig, SchedulerConfig
+from keel.config import CacheConfig, LoRAConfig, SchedulerConfig
 from keel.engine.llm_engine import LLMEngine
 from keel.errors import InvalidRequestError
+from keel.lora.request import LoRARequest
 from keel.outputs import RequestOutput
 from keel.sampling_params import SamplingParams
 
@@ -19,16 +20,24 @@ class LLM:
     def __init__(self, model: str | None = None, dtype=None, *, device: str | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  block_size: int = 16, num_blocks: int | None = None, kv_cache_memory_gb: float = 1.0,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool = True, quantization=None, enable_lora: bool = False,
+                 max_loras: int = 8, max_lora_rank: int = 16, max_cpu_loras: int | None = None) -> None:
+        """quantization: "int8" or "int4" quantizes the weights as they load (or a keel.quant.QuantConfig
+        for the int4 group size, or to quantize the embedding and output head too).
+        enable_lora: serve LoRA adapters (generate's lora_request), at most max_loras in one step, of rank
+        up to max_lora_rank, max_cpu_loras of them kept loaded in memory (see keel.config.LoRAConfig)."""
         self.engine = LLMEngine(
-            model, dtype=dtype, device=device, max_model_len=max_model_len,
+            model, dtype=dtype, device=device, max_model_len=max_model_len, quantization=quantization,
             cache=CacheConfig(block_size, num_blocks, kv_cache_memory_gb, enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens))
+            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
+            lora=LoRAConfig(max_loras, max_lora_rank, max_cpu_loras) if enable_lora else None)
         self.tokenizer = self.engine.tokenizer
 
-    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
-        """prompts: a string, a list of strings, a list of token ids, or a list of token-id lists."""
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 lora_request: LoRARequest | list[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """prompts: a string, a list of strings, a list of token ids, or a list of token-id lists.
+        lora_request: the adapter for every prompt, or one per prompt (None: the base model); an adapter
+        with a path that is not registered yet is added (and validated) first."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
@@ -36,11 +45,15 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise InvalidRequestError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        loras = lora_request if isinstance(lora_request, (list, tuple)) else [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise InvalidRequestError(f"{len(loras)} lora requests for {len(prompts)} prompts")
+        names = [self._lora_name(r) for r in loras]
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
+            for prompt, p, name in zip(prompts, params, names):
                 rid = self.engine.new_request_id()
-                self.engine.add_request(rid, prompt, p if p is not None else SamplingParams())
+                self.engine.add_request(rid, prompt, p if p is not None else SamplingParams(), adapter=name)
                 ids.append(rid)
         except Exception:
             for rid in ids:
@@ -48,15 +61,34 @@ class LLM:
             raise
         return self._run(ids)
 
+    def _lora_name(self, req: LoRARequest | None) -> str | None:
+        if req is None:
+            return None
+        if not isinstance(req, LoRARequest):
+            raise InvalidRequestError(f"lora_request must be a keel.lora.LoRARequest, not {type(req).__name__}")
+        if req.path is not None:  # a no-op when already registered with this path
+            self.engine.add_lora(req.name, req.path)
+        return req.name
+
+    def add_lora(self, name: str, path: str) -> int:
+        """Register and validate an adapter folder (keel.errors.LoRAError with the reason if it cannot be served)."""
+        return self.engine.add_lora(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        self.engine.remove_lora(name)
+
+    def list_loras(self) -> list:
+        return self.engine.list_loras()
+
     def chat(self, messages, sampling_params=None, add_generation_prompt: bool = True,
-             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+             chat_template_kwargs: dict | None = None, lora_request=None) -> list[RequestOutput]:
         """messages: one conversation (a list of {"role", "content"} dicts) or a list of them."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [self.tokenizer.encode(
             self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt,
                                                **(chat_template_kwargs or {})),
             add_special_tokens=False) for c in convs]
-        return self.generate(prompts, sampling_params)
+        return self.generate(prompts, sampling_params, lora_request)
 
     def _run(self, ids: list[str]) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

@@ -9,16 +9,19 @@ from dataclasses import dataclass
 
 import torch
 
-from keel.config import CacheConfig, SchedulerConfig
+from keel.config import CacheConfig, LoRAConfig, SchedulerConfig
 from keel.engine.block_pool import BlockPool
 from keel.engine.detokenizer import IncrementalDetokenizer
 from keel.engine.device import parse_dtype, pick_device
 from keel.engine.model_runner import ModelRunner
 from keel.engine.request import Request
 from keel.engine.scheduler import Scheduler
-from keel.errors import InvalidRequestError
+from keel.errors import InvalidRequestError, LoRAError
 from keel.models.loader import DEFAULT_MODEL_NAME, build_model, open_checkpoint, resolve_model
 from keel.outputs import CompletionOutput, Logprob, RequestOutput
+from keel.quant.config import parse_quantization
+from keel.quant.config import resolve as resolve_quantization
+from keel.quant.convert import weight_bytes
 from keel.sampling_params import SamplingParams
 
 log = logging.getLogger("keel")
@@ -34,18 +37,23 @@ class _Group:
     detoks: list[IncrementalDetokenizer]
     outputs: list[CompletionOutput]
     want_logprobs: bool
+    adapter_id: int | None = None
 
 
 class LLMEngine:
     def __init__(self, model: str | None = None, *, dtype=None, device: str | None = None,
                  cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None,
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None, quantization=None, lora: LoRAConfig | None = None) -> None:
+        """quantization: None, "int8", "int4" or a keel.quant.QuantConfig (weight-only, at load; a
+        checkpoint written by `keel quantize` is quantized already and needs none).
+        lora: serve LoRA adapters (see add_lora); None: base model only."""
         self.device = pick_device(device)
         if self.device.type == "cpu":
             # Denormal floats (common in attention and small activations) make x86 float math 10-50x
             # slower; flushing them to zero changes results by less than float32 rounding does.
             torch.set_flush_denormal(True)
         self.dtype = parse_dtype(dtype, self.device)
+        quantization = parse_quantization(quantization)
         self.model_path = resolve_model(model)
         ckpt = open_checkpoint(self.model_path)
         self.model_name = DEFAULT_MODEL_NAME if model is None else ckpt.name
@@ -73,26 +81,40 @@ class LLMEngine:
         self.num_blocks = num_blocks
         self.scheduler_config = sched_cfg
 
-        self.model = build_model(ckpt, self.dtype, self.device, self.max_model_len)
+        self.model = build_model(ckpt, self.dtype, self.device, self.max_model_len, quantization)
+        self.quantization = resolve_quantization(ckpt.quantization, quantization, ckpt.name)
         if self.device.type == "cpu":
             self.model.pack_for_cpu()
+        self.lora = None
+        if lora is not None:
+            from keel.lora.manager import LoRAManager
+            self.lora = LoRAManager(self.model, lora, self.dtype, self.device, served_model=self.model_name)
         self.pool = BlockPool(num_blocks, cache.enable_prefix_caching)
-        self.scheduler = Scheduler(sched_cfg, self.pool, cache.block_size)
-        self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.dtype, self.device)
+        self.scheduler = Scheduler(sched_cfg, self.pool, cache.block_size, adapters=self.lora)
+        self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.dtype, self.device, lora=self.lora)
         self.groups: dict[str, _Group] = {}
         self._child_to_group: dict[str, tuple[_Group, int]] = {}
         self._ids = itertools.count()
-        log.info("loaded %s (%s, %s): %d KV blocks of %d tokens, max_model_len %d", self.model_name,
-                 self.device, self.dtype, num_blocks, cache.block_size, self.max_model_len)
+        log.info("loaded %s (%s, %s%s): %d KV blocks of %d tokens, max_model_len %d", self.model_name,
+                 self.device, self.dtype, f", {self.quantization.describe()}" if self.quantization else "",
+                 num_blocks, cache.block_size, self.max_model_len)
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Bytes of model weights held in memory: "total", and by part ("projections", "embedding",
+        "head", "other"), as packed or quantized for this device."""
+        return weight_bytes(self.model)
 
     # -- requests --------------------------------------------------------------------------
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    adapter_id: int | None = None) -> None:
+                    adapter_id: int | None = None, adapter: str | None = None) -> None:
+        """adapter: a registered LoRA adapter's name (or adapter_id, its id); neither: the base model.
+        An adapter that is not registered raises LoRANotFoundError, one that fails validation LoRAError."""
         if request_id in self.groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        adapter_id = self._resolve_adapter(adapter, adapter_id)
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
@@ -123,7 +145,10 @@ class LLMEngine:
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=p.skip_special_tokens,
                                                  stop=p.stop_list, include_stop_str_in_output=p.include_stop_str_in_output))
             outputs.append(CompletionOutput(i, "", [], logprobs=[] if p.logprobs is not None else None))
-        group = _Group(request_id, text, ids, children, detoks, outputs, params.logprobs is not None)
+        group = _Group(request_id, text, ids, children, detoks, outputs, params.logprobs is not None,
+                       adapter_id)
+        if adapter_id is not None:
+            self.lora.acquire(adapter_id)
         self.groups[request_id] = group
         for i, child in enumerate(children):
             self._child_to_group[child.request_id] = (group, i)
@@ -147,13 +172,18 @@ class LLMEngine:
         for child in group.children:
             self.scheduler.abort_request(child.request_id)
             self._child_to_group.pop(child.request_id, None)
+        if group.adapter_id is not None:
+            self.lora.release(group.adapter_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
 
     # -- one step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        failed = self._fail_adapter_requests() if self.lora is not None else []
         sched = self.scheduler.schedule()
+        if self.lora is not None and not sched.scheduled and self.scheduler.has_unfinished():
+            self.lora.wait_for_loads(0.05)  # every waiting request waits on an adapter load
         out = self.runner.execute(sched)
         updated = self.scheduler.update_from_output(sched, out)
         touched: dict[str, _Group] = {}
@@ -177,7 +207,7 @@ class LLMEngine:
             if req.finished:
                 group.detoks[i].finish()
                 o.finish_reason, o.stop_reason = req.finish_reason, req.stop_reason
-        results = []
+        results = failed
         for group in touched.values():
             results.append(self._emit(group))
         return results
@@ -203,5 +233,68 @@ class LLMEngine:
             self.groups.pop(group.request_id, None)
             for child in group.children:
                 self._child_to_group.pop(child.request_id, None)
+            if group.adapter_id is not None:
+                self.lora.release(group.adapter_id)
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs, finished,
                              group.children[0].num_cached_tokens)
+
+    # -- LoRA adapters (thread-safe: the server may call these while the engine loop runs) -------
+    def _resolve_adapter(self, name: str | None, adapter_id: int | None) -> int | None:
+        if name is None and adapter_id is None:
+            return None
+        if self.lora is None:
+            raise LoRAError("this engine serves no LoRA adapters: start it with LoRA enabled (enable_lora, --lora)")
+        if name is not None:
+            aid = self.lora.resolve(name)
+            if adapter_id is not None and adapter_id != aid:
+                raise LoRAError(f"adapter {name!r} has id {aid}, not {adapter_id}")
+            return aid
+        return self.lora.check_id(adapter_id)
+
+    def _need_lora(self):
+        if self.lora is None:
+            raise LoRAError("this engine serves no LoRA adapters: start it with LoRA enabled (enable_lora, --lora)")
+        return self.lora
+
+    def add_lora(self, name: str, path: str) -> int:
+        """Register an adapter folder and validate it now (LoRAError with the reason when it cannot be
+        served); its weights load in the background. Returns its adapter id. Adding the same name and
+        path again is a no-op; the same name with another path is an error."""
+        return self._need_lora().add(name, path)
+
+    def register_lora(self, name: str, path: str) -> int:
+        """Register without reading the folder (for thousands of adapters); validated at first use."""
+        return self._need_lora().register(name, path)
+
+    def register_lora_dir(self, folder: str) -> list[str]:
+        """Register every subfolder of `folder` that holds an adapter, named after the subfolder."""
+        return self._need_lora().register_dir(folder)
+
+    def remove_lora(self, name: str) -> None:
+        """Unregister (LoRANotFoundError if unknown); requests already using it finish with it."""
+        self._need_lora().remove(name)
+
+    def list_loras(self) -> list:
+        """keel.lora.manager.LoRAInfo for every registered adapter ([] when LoRA is off)."""
+        return [] if self.lora is None else self.lora.list()
+
+    def validate_lora(self, name: str) -> int:
+        """Validate a registered adapter (reads its config and safetensors header, not its weights) and
+        return its id; call it off the engine thread before add_request so the check never stalls a step."""
+        return self._need_lora().resolve(name)
+
+    def _fail_adapter_requests(self) -> list[RequestOutput]:
+        """Requests whose adapter's weights failed to load in the background end with "abort"."""
+        failures = self.lora.pop_load_failures()
+        results = []
+        for group in list(self.groups.values()):
+            if group.adapter_id not in failures:
+                continue
+            log.error("request %s cannot run: %s", group.request_id, failures[group.adapter_id])
+            for i, child in enumerate(group.children):
+                self.scheduler.finish_request(child.request_id, "abort")
+                if group.outputs[i].finish_reason is None:
+                    group.outputs[i].finish_reason = "abort"
+                    group.detoks[i].finish()
+            results.append(self._emit(group))
+        return results

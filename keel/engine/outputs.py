@@ -22,6 +22,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest]  # batch order: running requests first, then newly admitted ones
     preempted_ids: list[str] = field(default_factory=list)  # lost their KV this step; recomputed later
     finished_ids: list[str] = field(default_factory=list)  # ended since the last step; runner drops their state
+    adapter_ids_in_use: set[int] = field(default_factory=set)  # adapters of all running requests: stay resident
 
     @property
     def num_scheduled_tokens(self) -> dict[str, int]:

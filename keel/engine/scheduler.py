@@ -5,11 +5,19 @@ chunk of a long prompt otherwise), then admits waiting requests in arrival order
 prompts in chunks when the budget runs short. When the KV cache has no free block, the most recently
 admitted running request is preempted: its blocks are freed and it is recomputed later from its
 prompt and the tokens it already generated.
+
+With LoRA adapters, the running requests use at most `max_loras` distinct adapters (the resident
+slots). A waiting request of another adapter is admitted when a slot is free and its adapter is loaded
+in host memory; until it is loaded (in the background) later requests go ahead. When the oldest
+request that could run finds every slot taken, one running adapter is drained: its running requests
+finish, but no new ones of it are admitted until the slot has gone to the waiting adapter. So popular
+adapters cannot keep a slot forever and every adapter gets one in arrival order.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
+from typing import Protocol
 
 from keel.config import SchedulerConfig
 from keel.engine.block_pool import BlockPool, hash_block
@@ -17,11 +25,22 @@ from keel.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
 from keel.engine.request import Request, RequestStatus
 
 
+class AdapterSlots(Protocol):
+    """What the scheduler needs from the adapter manager (keel.lora.manager.LoRAManager)."""
+    max_loras: int  # distinct adapters that can be resident at once
+
+    def is_ready(self, adapter_id: int) -> bool:
+        """True when the adapter can be made resident now; otherwise starts loading it."""
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: BlockPool, block_size: int) -> None:
+    def __init__(self, config: SchedulerConfig, pool: BlockPool, block_size: int,
+                 adapters: AdapterSlots | None = None) -> None:
         self.config = config
         self.pool = pool
         self.block_size = block_size
+        self.adapters = adapters
+        self.draining: int | None = None  # running adapter that admits no new requests, to free its slot
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -88,16 +107,31 @@ class Scheduler:
         if not preempted:
             budget = self._admit_waiting(budget, scheduled)
 
-        out = SchedulerOutput(scheduled, preempted, self._finished_ids)
+        in_use = {r.adapter_id for r in self.running if r.adapter_id is not None}
+        out = SchedulerOutput(scheduled, preempted, self._finished_ids, in_use)
         self._finished_ids = []
         return out
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
+        in_use = Counter(r.adapter_id for r in self.running if r.adapter_id is not None)
+        blocked = False  # a request found every adapter slot taken
+        scanned_all = True
         for req in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                scanned_all = False
                 break
             if req.wait_for is not None and self._sibling_pending(req.wait_for):
                 continue
+            aid = req.adapter_id
+            if aid is not None and self.adapters is not None:
+                if aid not in in_use:
+                    if not self.adapters.is_ready(aid):
+                        continue  # loading in the background; later requests go ahead meanwhile
+                    if len(in_use) >= self.adapters.max_loras:
+                        blocked = True
+                        continue
+                elif aid == self.draining and req.status is not RequestStatus.PREEMPTED:
+                    continue
             hits: list[int] = []
             if req.num_computed_tokens == 0:
                 self._update_hashes(req)
@@ -114,12 +148,21 @@ class Scheduler:
             if not self._allocate(req, req.num_computed_tokens + num_new):
                 self.pool.free(req.block_ids)
                 req.block_ids, req.num_computed_tokens, req.num_cached_blocks = [], 0, 0
+                scanned_all = False
                 break
             self.waiting.remove(req)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             scheduled.append(ScheduledRequest(req, num_new))
             budget -= num_new
+            if aid is not None:
+                in_use[aid] += 1
+        if not blocked:
+            if scanned_all:
+                self.draining = None
+        elif self.draining not in in_use:
+            # The adapter with the fewest running requests frees its slot soonest.
+            self.draining = min(in_use, key=lambda a: (in_use[a], a))
         return budget
 
     def _sibling_pending(self, sibling_id: str) -> bool:

@@ -6,11 +6,16 @@ Quantized weight formats and LoRA adapters (later) plug in here: a layer knows i
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from keel.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from keel.lora.layers import LinearLoRA, LoRAMetadata
 
 
 class Linear(nn.Module):
@@ -56,7 +61,17 @@ class Linear(nn.Module):
     def load_bias(self, param, loaded, shard=None):
         self._load(param, loaded, shard, "bias")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: "LoRAMetadata | None" = None) -> torch.Tensor:
+        y = self.base_forward(x)
+        if lora is not None and self.lora is not None:
+            # Adapters add on top of whatever the base computes (dense, packed or quantized), never
+            # merged into the weight: one base pass serves the tokens of every adapter and none.
+            self.lora.apply(x, y, lora)
+        return y
+
+    lora: "LinearLoRA | None" = None  # resident adapters' weights for this layer (keel.lora.manager sets it)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

@@ -64,10 +64,26 @@ class GGUFCheckpoint:
     _entries: list = field(default_factory=list, repr=False, compare=False)
     _buf: memoryview | None = field(default=None, repr=False, compare=False)  # the memmapped file
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (hf_name, float32 tensor), reading and dequantizing each only when it is reached."""
+    def tensors(self, keep_blocks=()) -> Iterator[tuple[str, "torch.Tensor | GGUFBlocks"]]:
+        """Yield (hf_name, float32 tensor), reading and dequantizing each only when it is reached.
+        A 2-D tensor of a type in `keep_blocks` comes as its GGUFBlocks instead (for keel.quant)."""
         for name, info in self._entries:
-            yield name, _to_torch(info, self._buf, name, self.config)
+            if info.type in keep_blocks and len(info.shape) == 2:
+                yield name, _to_blocks(info, self._buf, name, self.config)
+            else:
+                yield name, _to_torch(info, self._buf, name, self.config)
+
+
+@dataclass
+class GGUFBlocks:
+    """A weight still in its GGUF block format, rows in HF order (q/k un-permuted): one row of
+    `data` holds the blocks of one output row, `shape` is the dequantized [out, in]."""
+    type: GGMLQuantizationType
+    shape: tuple
+    data: np.ndarray  # uint8 [out, bytes per row]
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.from_numpy(dequantize(self.data, self.type).astype(np.float32, copy=False).reshape(self.shape))
 
 
 def read_gguf(path: str) -> GGUFCheckpoint:
@@ -322,6 +338,14 @@ def _to_torch(info: _TensorInfo, buf: memoryview, name: str, config: dict) -> to
     if not array.flags.writeable or not array.flags.c_contiguous:
         array = np.array(array, order="C")  # F32 data is still a view of the read-only memmap
     return torch.from_numpy(array)
+
+
+def _to_blocks(info: _TensorInfo, buf: memoryview, name: str, config: dict) -> GGUFBlocks:
+    raw = info.raw(buf)
+    if config["model_type"] in _PERMUTED_ARCHITECTURES and re.search(r"[qk]_proj\.weight$", name):
+        # a block never spans rows, so rows of blocks are un-permuted like rows of numbers
+        raw = _unpermute(raw, config["num_attention_heads" if ".q_proj." in name else "num_key_value_heads"])
+    return GGUFBlocks(info.type, info.shape, np.array(raw, order="C"))
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:

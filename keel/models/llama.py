@@ -10,6 +10,7 @@ from keel.layers.attention import AttentionMetadata, PagedAttention
 from keel.layers.linear import Linear
 from keel.layers.norm import RMSNorm
 from keel.layers.rotary import RotaryEmbedding
+from keel.lora.layers import LoRAMetadata
 from keel.models.config import ModelConfig
 
 
@@ -30,15 +31,16 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps, dtype, device)
         self.attn = PagedAttention(H, KVH, D, D ** -0.5)
 
-    def forward(self, x: torch.Tensor, rope, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, meta: AttentionMetadata,
+                lora: LoRAMetadata | None = None) -> torch.Tensor:
         T, H, KVH, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x).view(T, H + 2 * KVH, D)
+        qkv = self.qkv_proj(x, lora).view(T, H + 2 * KVH, D)
         qk, v = qkv[:, :H + KVH], qkv[:, H + KVH:]
         if self.qk_norm:
             qk = torch.cat((self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])), dim=1)
         # q and k heads sit side by side in the fused output: one rotation covers both.
         qk = RotaryEmbedding.apply(rope, qk)
-        return self.o_proj(self.attn(qk[:, :H], qk[:, H:], v, meta))
+        return self.o_proj(self.attn(qk[:, :H], qk[:, H:], v, meta), lora)
 
 
 class MLP(nn.Module):
@@ -49,9 +51,9 @@ class MLP(nn.Module):
                                    bias=cfg.mlp_bias, dtype=dtype, device=device)
         self.down_proj = Linear(self.inter, cfg.hidden_size, bias=cfg.mlp_bias, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, lora: LoRAMetadata | None = None) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, lora).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up, lora)
 
 
 class DecoderLayer(nn.Module):
@@ -64,9 +66,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
 
-    def forward(self, x, rope, meta):
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, rope, meta, lora=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta, lora)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -92,12 +94,13 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, device=device)
         self.tied_head: Linear | None = None  # a packed copy of the tied embedding, see pack_for_cpu
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        # input_ids, positions: [T] -> hidden states [T, hidden]
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                lora: LoRAMetadata | None = None) -> torch.Tensor:
+        # input_ids, positions: [T] -> hidden states [T, hidden]; lora: the step's adapter slots, if any
         x = self.model.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions)
         for layer in self.model.layers:
-            x = layer(x, rope, meta)
+            x = layer(x, rope, meta, lora)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

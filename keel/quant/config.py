@@ -1,0 +1,105 @@
+"""What to quantize and how: the one dataclass of this concern, and its file in a quantized checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+from keel.errors import InvalidRequestError, ModelLoadError
+
+METHODS = ("int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128)
+# Group 32 by measurement (bench/quant.py, bench/results/quant.md): on the 2-core AVX2 EPYC the CPU
+# int4 kernel costs the same at groups 32 and 64 (3072x576 at 1 token: 151 vs 153 us, 576x1536: 82 vs
+# 77 us), group 32 quantizes more finely, divides more layer widths (SmolLM2's 576 is no multiple of
+# 128, the tiny test models' 96 no multiple of 64), and is the block size of GGUF's Q4_0/Q4_1, which
+# then load without requantizing. Its scale and zero add 4 bytes per 32 weights (0.625 bytes a weight).
+DEFAULT_INT4_GROUP_SIZE = 32
+CONFIG_FILE = "quantization_config.json"
+FORMAT = "keel"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class QuantConfig:
+    method: str
+    """int8 (one scale per output channel) or int4 (a scale and zero point per group of input channels)."""
+    group_size: int | None = None
+    """int4 only: input channels per scale and zero point, 32, 64 or 128 (None: 32)."""
+    quantize_embeddings: bool = False
+    """Also quantize the token embedding and the output head (by default they stay in the model dtype)."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidRequestError(f"quantization={self.method!r} is invalid: use one of {', '.join(METHODS)}")
+        if self.method == "int8":
+            if self.group_size is not None:
+                raise InvalidRequestError(f"group_size={self.group_size!r} is invalid: int8 has one scale per "
+                                          "output channel, no groups")
+        elif self.group_size is None:
+            self.group_size = DEFAULT_INT4_GROUP_SIZE
+        elif self.group_size not in INT4_GROUP_SIZES:
+            raise InvalidRequestError(f"group_size={self.group_size!r} is invalid: use one of "
+                                      f"{', '.join(map(str, INT4_GROUP_SIZES))}")
+
+    def describe(self) -> str:
+        text = self.method if self.method == "int8" else f"int4, group size {self.group_size}"
+        return text + (", embeddings too" if self.quantize_embeddings else "")
+
+    def to_dict(self) -> dict:
+        return {"quant_method": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "QuantConfig":
+        if d.get("quant_method") != FORMAT or d.get("format_version") != FORMAT_VERSION:
+            raise ModelLoadError(f"{where}: not a keel quantization config of format version {FORMAT_VERSION} "
+                                 f"(quant_method={d.get('quant_method')!r}, format_version={d.get('format_version')!r})")
+        try:
+            return cls(d["method"], d.get("group_size"), bool(d.get("quantize_embeddings", False)))
+        except KeyError:
+            raise ModelLoadError(f"{where} names no quantization method") from None
+        except InvalidRequestError as e:
+            raise ModelLoadError(f"{where}: {e}") from None
+
+    def write(self, folder: str) -> None:
+        with open(os.path.join(folder, CONFIG_FILE), "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+
+
+def read_quant_config(folder: str) -> QuantConfig | None:
+    """The quantization of a checkpoint folder written by `keel quantize`, or None for a plain one."""
+    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {path}: {e}") from e
+    if not isinstance(d, dict):
+        raise ModelLoadError(f"{path} is not a JSON object")
+    return QuantConfig.from_dict(d, path)
+
+
+def parse_quantization(value, group_size: int | None = None) -> QuantConfig | None:
+    """A QuantConfig from what a user passes: None, "int8", "int4" or a QuantConfig."""
+    if value is None or isinstance(value, QuantConfig):
+        if group_size is not None:
+            raise InvalidRequestError("group_size is given without a quantization method")
+        return value
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"quantization={value!r} is invalid: use one of {', '.join(METHODS)}")
+    return QuantConfig(value.lower(), group_size)
+
+
+def resolve(checkpoint_quant: QuantConfig | None, requested: QuantConfig | None, where: str) -> QuantConfig | None:
+    """The quantization a model is built with: a quantized checkpoint's own, unless the user asked for
+    another, which is an error (its weights cannot be requantized without the originals)."""
+    if checkpoint_quant is None:
+        return requested
+    if requested is not None and requested != checkpoint_quant:
+        raise ModelLoadError(f"{where} is already quantized ({checkpoint_quant.describe()}); it cannot be "
+                             f"quantized again as {requested.describe()}: quantize the original checkpoint instead")
+    return checkpoint_quant

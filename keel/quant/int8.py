@@ -1,0 +1,82 @@
+"""Weight-only int8: symmetric, one scale per output channel (weight ≈ qweight * scales[:, None]).
+
+Checkpoint tensors: qweight int8 [out, in] (codes -127..127), scales float32 [out].
+
+Kernel, chosen by measurement (bench/quant.py --kernels, 2-core AVX2 EPYC, torch 2.13, SmolLM2 shapes,
+microseconds; bench/results/quant.md has the table):
+- CPU: torch._weight_int8pack_mm, which reads the int8 weight as is and wants bfloat16 activations:
+  3072x576 at 1 token 118 us against 202 for the oneDNN-packed float32 dense layer and 243 for bf16
+  F.linear. Given float32 activations the same operator takes 1.1 ms (no vectorised path), so a float32
+  model casts x to bfloat16 around it and applies the float32 scales after it (the kernel gets unit
+  scales), keeping the channel scales exact. From about 16 rows on, float32 oneDNN beats the kernel
+  (16 rows: 472 against 781 us; 256: 7.2 against 17 ms), so a float32 model sends bigger batches
+  through dequantize-then-matmul once that is the cheaper (INT8_CPU_FP32_MAX_ROWS). A bfloat16 model
+  always uses the kernel: bf16 F.linear on this CPU is slower still (16 rows: 3.2 ms).
+- elsewhere (CUDA, other CPUs): dequantize-then-matmul in the model dtype, the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from keel.quant.layer import QuantEmbedding, QuantLinear
+
+# Rows above which a float32 model on CPU dequantizes and runs the dense matmul (see the module doc).
+INT8_CPU_FP32_MAX_ROWS = 128
+
+
+def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """weight [rows, in] float -> {"qweight": int8 [rows, in], "scales": float32 [rows]}; each element is
+    within scales[row] / 2 of the original (round to nearest)."""
+    w = weight.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp_(min=torch.finfo(torch.float32).tiny)  # an all-zero row: q = 0
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return {"qweight": q, "scales": scales}
+
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return qweight.float() * scales[:, None]
+
+
+class Int8Linear(QuantLinear):
+    method = "int8"
+
+    def tensor_specs(self):
+        return {"qweight": ((self.out_features, self.in_features), torch.int8),
+                "scales": ((self.out_features,), torch.float32)}
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, group_size: int | None = None) -> dict[str, torch.Tensor]:
+        return quantize_int8(weight)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        # int8 * float32 promotes to float32 in one pass
+        return torch.mul(self.qweight, self.scales[:, None]).to(dtype or self.dtype)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.mul(self.qweight[ids], self.scales[ids, None]).to(dtype or self.dtype)
+
+    def prepare(self) -> None:
+        self.fast = False
+        if self.qweight.device.type != "cpu" or not hasattr(torch, "_weight_int8pack_mm"):
+            return
+        bf16 = self.dtype == torch.bfloat16
+        # bf16 model: the scales go into the kernel; otherwise unit scales, exact float32 ones after
+        self._kernel_scales = self.scales.to(torch.bfloat16) if bf16 else torch.ones_like(self.scales, dtype=torch.bfloat16)
+        if self.check_fast(self._cpu_int8):
+            self.fast, self.kernel = self._cpu_int8, "cpu _weight_int8pack_mm"
+            self.fast_max_rows = 1 << 62 if bf16 else INT8_CPU_FP32_MAX_ROWS
+
+    def _cpu_int8(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16:
+            return torch._weight_int8pack_mm(x, self.qweight, self._kernel_scales)
+        y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self._kernel_scales)
+        return torch.mul(y, self.scales).to(x.dtype)  # bf16 * fp32 scales: one op, float32 out
+
+    def resident_tensors(self):
+        extra = [self._kernel_scales] if self.fast else []
+        return super().resident_tensors() + extra
+
+
+class Int8Embedding(QuantEmbedding, Int8Linear):
+    """Token embedding with int8 rows (quantize_embeddings); the rows are also the tied head's weight."""
