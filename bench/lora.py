@@ -15,6 +15,7 @@ other requests decode, and an ablation: one rank for all slots (padding rank-8 a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -161,7 +162,8 @@ def svg_plot(rows: list[dict], path: str) -> None:
         return L + (math.log2(x) - math.log2(xs[0])) / (math.log2(xs[-1]) - math.log2(xs[0])) * (W - L - 20)
     def py(y):
         return H - B - y / ymax * (H - B - 20)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+             'font-size="12">',
              f'<line x1="{L}" y1="{H - B}" x2="{W - 10}" y2="{H - B}" stroke="black"/>',
              f'<line x1="{L}" y1="{H - B}" x2="{L}" y2="10" stroke="black"/>',
              f'<text x="{W / 2}" y="{H - 5}" text-anchor="middle">distinct adapters in the batch of 64 requests</text>',
@@ -190,8 +192,13 @@ def main() -> None:
     ap.add_argument("--adapter-dir", default="/tmp/keel-bench-lora")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads; 1 keeps a shared 2-core machine's other jobs from stalling every op")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_at_start = os.getloadavg()[0]
 
     llm = LLM(max_num_seqs=NUM_REQUESTS, enable_prefix_caching=False, enable_lora=True,
               max_loras=MAX_LORAS, max_lora_rank=16, max_cpu_loras=MAX_LORAS)
@@ -218,14 +225,17 @@ def main() -> None:
         print(rows[-1], flush=True)
 
     # Ablation: one rank for every slot (rank-8 adapters padded to 16), at 64 distinct adapters.
-    import keel.lora.layers as lora_layers
     idx = workload(64, seed=64)
     loras = [LoRARequest(names[i]) for i in idx]
-    saved = lora_layers._SPLIT_MIN_RANK_SLOTS
-    lora_layers._SPLIT_MIN_RANK_SLOTS = float("inf")
-    padded = max(keel_tps(llm, loras) for _ in range(args.repeat))
-    lora_layers._SPLIT_MIN_RANK_SLOTS = saved
-    grouped = max(keel_tps(llm, loras) for _ in range(args.repeat))
+    costs = eng.lora.costs
+    padded, grouped = [], []
+    for _ in range(args.repeat):
+        eng.lora.costs = dataclasses.replace(costs, split_min_rank_slots=float("inf"))
+        padded.append(keel_tps(llm, loras))
+        eng.lora.costs = dataclasses.replace(costs, split_min_rank_slots=0)
+        grouped.append(keel_tps(llm, loras))
+    eng.lora.costs = costs
+    padded, grouped = max(padded), max(grouped)
 
     ttft_idle, _ = cold_start(llm, cold_names[:NUM_COLD // 2], busy=False)
     base_steps = []
@@ -252,7 +262,8 @@ def main() -> None:
                 r["peft"] = peft_tps(args.adapter_dir, [names[i] for i in idx])
                 print(r, flush=True)
 
-    lines = [f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}",
+    lines = [f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}; load average {load_at_start:.1f} at the start "
+             f"(other jobs share the machine)",
              f"Built-in model SmolLM2-135M-Instruct (GGUF dequantized, float32); {NUM_REQUESTS} requests, greedy, "
              f"{NEW_TOKENS} new tokens each, all submitted at once; adapters rank 8 and 16 (alternating) on all seven "
              f"projections, bfloat16 on disk; keel max_loras={MAX_LORAS}, max_cpu_loras={MAX_LORAS}, prefix cache off; "
@@ -266,7 +277,8 @@ def main() -> None:
         peft = r.get("peft")
         peft_cells = f"{peft:.1f} | {r['lora'] / peft:.1f}x" if peft else "- | -"
         lines.append(f"| {r['distinct']} | {r['used']} | {r['base']:.1f} | {r['lora']:.1f} | "
-                     f"{r['lora'] / r['base']:.2f}x | {goals.get(r['distinct'], '')} | {r['first']:.1f} | {peft_cells} |")
+                     f"{r['lora'] / r['base']:.2f}x | {goals.get(r['distinct'], '')} | {r['first']:.1f} | "
+                     f"{peft_cells} |")
     lines += ["",
               f"Rank handling at 64 distinct adapters: slots grouped by rank {grouped:.1f} tok/s, every slot padded to "
               f"rank 16 {padded:.1f} tok/s ({grouped / padded:.2f}x).",
@@ -277,7 +289,8 @@ def main() -> None:
               "| | p50 ms | p99 ms |",
               "|---|---|---|",
               f"| cold adapter, engine idle | {pct(ttft_idle, .5) * 1e3:.0f} | {pct(ttft_idle, .99) * 1e3:.0f} |",
-              f"| cold adapter, 32 requests decoding | {pct(ttft_busy, .5) * 1e3:.0f} | {pct(ttft_busy, .99) * 1e3:.0f} |",
+              f"| cold adapter, 32 requests decoding | {pct(ttft_busy, .5) * 1e3:.0f} | "
+              f"{pct(ttft_busy, .99) * 1e3:.0f} |",
               f"| resident adapter, idle | {pct(warm, .5) * 1e3:.0f} | {pct(warm, .99) * 1e3:.0f} |",
               f"| base model, idle | {pct(base_ttft, .5) * 1e3:.0f} | {pct(base_ttft, .99) * 1e3:.0f} |",
               "",

@@ -42,7 +42,7 @@ class ModelRunner:
         for s in order:
             if s.request.adapter_id is not None:
                 counts[plan.positions[s.request.adapter_id]] += s.num_tokens
-        return order, LoRAMetadata.build(counts, plan.groups, self.device)
+        return order, LoRAMetadata.build(counts, plan.groups, self.device, self.lora.costs)
 
     @staticmethod
     def kv_bytes_per_token(cfg, dtype: torch.dtype) -> int:

@@ -17,8 +17,10 @@ No per-request weight merge, no forward pass per adapter. Why this layout (bench
   are ordered by rank and split into groups of equal rank when padding would cost more than the extra
   matmuls (see `rank_groups`), so an adapter's cost follows its own rank.
 - C (rows per slot) is picked per step (`_pick_rows_per_slot`): a slot with more tokens than C (a
-  prefill next to many decodes) runs its extra rows as one plain matmul pair, instead of padding
-  every slot to the longest one.
+  prefill next to many decodes) runs its extra rows as separate matmuls, instead of padding every
+  slot to the longest one.
+Both trade-offs are priced per model by `LoRACosts`: on a small model an extra op costs more than
+hundreds of padded rows, on a large one a few.
 """
 
 from __future__ import annotations
@@ -27,15 +29,37 @@ from dataclasses import dataclass
 
 import torch
 
-# A slot's rows past C cost about 2n + 2 more small ops per projection (~70 us on the 2-core CPU);
-# a padded row costs 1-2 us at the built-in model's width and far less on small ones.
-_OVERFLOW_COST_ROWS = 64
-# Keep two rank groups apart only when padding the lower one would waste at least this many
-# rank-rows per step (rank difference x slots); below it, one bmm pair is cheaper than two.
-_SPLIT_MIN_RANK_SLOTS = 32
+
+@dataclass
+class LoRACosts:
+    """The trade-offs of the layout, in one model's units; see `for_model`.
+
+    overflow_cost_rows: what running a slot's rows past C as extra ops costs, in padded rows.
+    split_min_rank_slots: computing a group of slots at its own rank instead of padding it to the
+    previous group's pays off above this many (rank difference x slots in the group).
+    """
+    overflow_cost_rows: float
+    split_min_rank_slots: float
+
+    # Measured on the 2-core AVX2 EPYC (bench/results/lora.md): a small op ~10 us, small-K matmuls
+    # ~20 GFLOP/s, adapter weights stream at ~10 GB/s. An overflowing slot or an extra rank group adds
+    # about 5 small ops per projection.
+    OP_SECONDS, FLOPS, BYTES_PER_SECOND, OPS_PER_EXTRA = 10e-6, 20e9, 10e9, 5
+
+    @classmethod
+    def for_model(cls, elems_per_rank: int, num_projections: int, max_rank: int, elem_size: int) -> "LoRACosts":
+        """elems_per_rank: weights one rank of one adapter adds over all projections (sum of in + out)."""
+        extra = cls.OPS_PER_EXTRA * num_projections * cls.OP_SECONDS
+        row = 2 * max_rank * elems_per_rank / cls.FLOPS
+        rank = elems_per_rank * elem_size / cls.BYTES_PER_SECOND
+        # e.g. SmolLM2-135M at rank 16, float32: 12 rows, 49 rank-slots; the tiny test models: 133, 540
+        return cls(extra / row, extra / rank)
 
 
-def rank_groups(ranks: list[int]) -> list[tuple[int, int]]:
+DEFAULT_COSTS = LoRACosts(overflow_cost_rows=16, split_min_rank_slots=48)
+
+
+def rank_groups(ranks: list[int], costs: LoRACosts = DEFAULT_COSTS) -> list[tuple[int, int]]:
     """Split slots 0..S-1 (ordered by rank, largest first) into ranges computed at one rank each."""
     groups: list[list[int]] = []
     for i, r in enumerate(ranks):
@@ -45,17 +69,17 @@ def rank_groups(ranks: list[int]) -> list[tuple[int, int]]:
             groups.append([i, i + 1])
     merged: list[list[int]] = []
     for lo, hi in groups:
-        if merged and (ranks[merged[-1][0]] - ranks[lo]) * (hi - lo) < _SPLIT_MIN_RANK_SLOTS:
+        if merged and (ranks[merged[-1][0]] - ranks[lo]) * (hi - lo) < costs.split_min_rank_slots:
             merged[-1][1] = hi
         else:
             merged.append([lo, hi])
     return [(lo, hi) for lo, hi in merged]
 
 
-def _pick_rows_per_slot(counts: list[int]) -> int:
+def _pick_rows_per_slot(counts: list[int], costs: LoRACosts) -> int:
     best, best_cost = 1, None
     for c in sorted(set(counts)):
-        cost = len(counts) * c + sum(_OVERFLOW_COST_ROWS + n - c for n in counts if n > c)
+        cost = len(counts) * c + sum(costs.overflow_cost_rows + n - c for n in counts if n > c)
         if best_cost is None or cost < best_cost:
             best, best_cost = c, cost
     return best
@@ -76,10 +100,11 @@ class LoRAMetadata:
     overflow: list[tuple[int, int, int]]  # (slot, first row, end row): a slot's tokens past the first C
 
     @classmethod
-    def build(cls, counts: list[int], groups: list[tuple[int, int]], device: torch.device) -> "LoRAMetadata":
+    def build(cls, counts: list[int], groups: list[tuple[int, int]], device: torch.device,
+              costs: LoRACosts = DEFAULT_COSTS) -> "LoRAMetadata":
         """counts[s]: tokens of slot s this step (> 0), which sit contiguously in slot order."""
         S = len(counts)
-        C = _pick_rows_per_slot(counts)
+        C = _pick_rows_per_slot(counts, costs)
         starts, n = [], 0
         for c in counts:
             starts.append(n)
@@ -156,10 +181,10 @@ class LinearLoRA:
     def apply(self, x: torch.Tensor, y: torch.Tensor, meta: LoRAMetadata) -> None:
         """y += the LoRA update of every token of an active slot. x: [T, in]; y: [T, out], base output.
 
-        A constant number of tensor ops whatever the number of adapters: about 2n + 2 for n shards, plus
-        per extra rank group and per overflowing slot. On a CPU, small batches pay per op, not per flop.
-        Every matmul operand is kept BLAS-friendly (unit stride in its last dim): bmm on a strided
-        slice, or baddbmm_ into a column slice of y, falls off MKL to a loop 5-10x slower.
+        A constant number of tensor ops whatever the number of adapters (about 2n + 4 for n shards),
+        plus n + 2 per extra rank group or overflowing slot: on a CPU, small batches pay per op more
+        than per flop. Every matmul operand keeps unit stride in its last dim: bmm on a strided slice,
+        or baddbmm_ into a column slice of y, falls off MKL onto a loop 3-10x slower (measured).
         """
         S, C = meta.num_slots, meta.rows_per_slot
         view = meta.gather_index is None
@@ -169,6 +194,9 @@ class LinearLoRA:
             xl = x.index_select(0, meta.gather_index).view(S, C, x.shape[1])
         outs = []  # index layout: [G, C, out] per group, scattered once at the end
         for lo, hi in meta.groups:
+            if view and hi - lo == 1:  # one slot: its rows are contiguous, plain 2-D matmuls
+                self._rows(x, y, lo * C, hi * C, lo)
+                continue
             parts = self._group(xl[lo:hi], lo, hi)
             if view:
                 for part, sl in zip(parts, self.slices):
@@ -179,13 +207,24 @@ class LinearLoRA:
                 parts = [p if p is not None else y.new_zeros(G, C, sl.stop - sl.start)
                          for p, sl in zip(parts, self.slices)]
                 outs.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
-        if not view:
+        if outs:
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
             y.index_add_(0, meta.scatter_dst, out.view(S * C, -1).index_select(0, meta.scatter_src))
         for s, r0, r1 in meta.overflow:
-            for part, sl in zip(self._group(x[r0:r1].unsqueeze(0), s, s + 1), self.slices):
-                if part is not None:
-                    y[r0:r1, sl].add_(part[0])
+            self._rows(x, y, r0, r1, s)
+
+    def _rows(self, x: torch.Tensor, y: torch.Tensor, r0: int, r1: int, slot: int) -> None:
+        """y[r0:r1] += slot's update of x[r0:r1]: n + 2 ops, the update added by addmm_ in place."""
+        n, r = self.n, self.slot_rank[slot]
+        if r == 0:
+            return
+        h = x[r0:r1] @ self.a[slot, :r * n].t()  # [rows, r * n], rank-major
+        if n > 1:
+            h = h.view(r1 - r0, r, n).transpose(1, 2).contiguous()  # [rows, n, r]
+        for k, sl in enumerate(self.slices):
+            rk = self.ranks[k][slot]
+            if rk:
+                y[r0:r1, sl].addmm_(h[:, k, :rk] if n > 1 else h[:, :rk], self.b[k][slot, :rk])
 
     def _group(self, xg: torch.Tensor, lo: int, hi: int) -> list[torch.Tensor | None]:
         """Per shard the update of slots lo..hi-1 for xg: [G, C, in] (None where no slot adapts it)."""

@@ -25,7 +25,7 @@ import torch
 from keel.config import LoRAConfig
 from keel.errors import LoRAError, LoRANotFoundError
 from keel.lora.adapter import AdapterSpec, BaseTargets, load_weights, read_spec
-from keel.lora.layers import LinearLoRA, rank_groups
+from keel.lora.layers import LinearLoRA, LoRACosts, rank_groups
 
 log = logging.getLogger("keel.lora")
 
@@ -75,6 +75,9 @@ class LoRAManager:
                     lin.in_features, sizes, config.max_loras, config.max_lora_rank, dtype, device)
         # every (Hugging Face module name, layer, shard) an adapter may adapt
         self._targets = [(hf, self.layers[t.module], t.shard) for hf, t in self.base.targets.items()]
+        self.costs = LoRACosts.for_model(
+            sum(t.in_features + t.out_features for t in self.base.targets.values()), len(self.layers),
+            config.max_lora_rank, torch.empty((), dtype=dtype).element_size())
 
         self._cv = threading.Condition()
         self._by_name: dict[str, _Entry] = {}
@@ -317,36 +320,49 @@ class LoRAManager:
 
     # -- resident slots (engine thread, between steps) ---------------------------------------
     def prepare_step(self, active: list[int], in_use: set[int]) -> StepPlan:
-        """Make the step's adapters resident at slots 0..S-1, largest rank first.
+        """Make the step's S adapters resident at slots 0..S-1, largest rank first.
 
         active: adapters of the step's requests; in_use: adapters of all running requests (never
-        evicted). The scheduler keeps in_use within max_loras and only schedules ready adapters."""
+        evicted). The scheduler keeps in_use within max_loras and only schedules ready adapters.
+        Each rank gets a range of slots; an adapter already inside its range stays, so a steady batch
+        moves nothing and a new adapter moves at most itself and the one it swaps with."""
         self._step += 1
         with self._cv:
             for slot, aid in enumerate(self.slot_adapter):
                 if aid is not None and aid not in self._by_id:  # removed and no longer used
                     self.slot_adapter[slot] = None
                     del self.slot_of[aid]
-            specs = {aid: self._by_id[aid].spec for aid in active}
+            rank = {aid: self._by_id[aid].spec.max_rank for aid in active}
+        region, start = {}, 0
+        for r in sorted(set(rank.values()), reverse=True):
+            n = sum(1 for a in active if rank[a] == r)
+            region[r], start = range(start, start + n), start + n
         keep = set(active) | set(in_use)
         for aid in active:
             if aid not in self.slot_of:
-                self._load_slot(aid, self._free_slot(keep, len(active)), specs[aid])
-        order = sorted(active, key=lambda a: (-specs[a].max_rank, self.slot_of[a]))
-        for i, aid in enumerate(order):
-            if self.slot_of[aid] != i:
-                self._move(self.slot_of[aid], i)
-            self._slot_used[i] = self._step
-        return StepPlan({aid: i for i, aid in enumerate(order)}, rank_groups([specs[a].max_rank for a in order]))
+                self._load_slot(aid, self._free_slot(keep, region[rank[aid]]), self._by_id[aid].spec)
+        placed = {a for a in active if self.slot_of[a] in region[rank[a]]}
+        for aid in active:
+            if aid not in placed:
+                target = next(t for t in region[rank[aid]] if self.slot_adapter[t] not in placed)
+                self._move(self.slot_of[aid], target)
+                placed.add(aid)
+        by_slot = sorted(active, key=self.slot_of.get)
+        for s in range(len(by_slot)):
+            self._slot_used[s] = self._step
+        return StepPlan({a: self.slot_of[a] for a in active}, rank_groups([rank[a] for a in by_slot], self.costs))
 
-    def _free_slot(self, keep: set[int], num_active: int) -> int:
+    def _free_slot(self, keep: set[int], wanted: range) -> int:
+        """A slot for a new adapter: empty before evicting, inside `wanted` (its rank's range) before elsewhere."""
         empty = [s for s, a in enumerate(self.slot_adapter) if a is None]
+        for s in empty:
+            if s in wanted:
+                return s
         if empty:
             return empty[0]
         evictable = [s for s, a in enumerate(self.slot_adapter) if a not in keep]
         assert evictable, f"more than max_loras={self.max_loras} adapters in use: the scheduler's budget failed"
-        # least recently used; among equals prefer a slot past the step's range (fewer moves later)
-        slot = min(evictable, key=lambda s: (self._slot_used[s], s < num_active))
+        slot = min(evictable, key=lambda s: (self._slot_used[s], s not in wanted))  # least recently used
         with self._cv:
             del self.slot_of[self.slot_adapter[slot]]
             self.slot_adapter[slot] = None

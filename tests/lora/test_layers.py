@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from keel.lora.layers import LinearLoRA, LoRAMetadata, rank_groups
+from keel.lora.layers import LinearLoRA, LoRACosts, LoRAMetadata, rank_groups
 
 IN, SHARDS, MAX_LORAS, MAX_RANK = 24, [16, 8, 8], 6, 8
 
@@ -97,5 +97,6 @@ def test_rows_per_slot_and_rank_groups():
     meta = LoRAMetadata.build([3, 2, 2, 2], [(0, 4)], torch.device("cpu"))
     assert meta.rows_per_slot == 3 and not meta.overflow  # padding 3 rows is cheaper than an extra matmul
     assert rank_groups([16, 16, 8]) == [(0, 3)]  # one rank-8 slot: padding it is cheaper
-    assert rank_groups([16] * 4 + [8] * 4 + [4]) == [(0, 4), (4, 9)]
+    assert rank_groups([16] * 4 + [8] * 4 + [4], LoRACosts(16, 32)) == [(0, 4), (4, 9)]
+    assert rank_groups([16] * 4 + [8] * 4 + [4], LoRACosts(16, 540)) == [(0, 9)]  # tiny model: never split
     assert rank_groups([64, 8, 8, 8, 8]) == [(0, 1), (1, 5)]

@@ -9,7 +9,7 @@ import torch
 from keel import LLM, SamplingParams
 from keel.layers.attention import AttentionMetadata
 from keel.lora import LoRARequest
-from keel.lora.layers import LoRAMetadata
+from keel.lora.layers import LoRACosts, LoRAMetadata
 from tests.lora.conftest import ADAPTERS, hf_greedy
 
 PROMPTS = [[5, 6, 7], list(range(10, 27)), [(i * 7) % 250 + 2 for i in range(41)]]
@@ -87,11 +87,16 @@ def test_all_adapters_mixed_with_base_in_one_batch(setup):
     assert llm.engine.lora.num_resident == len(adapters)
 
 
-def test_requests_arriving_mid_run_mix_prefill_and_decode(setup):
-    """New prompts (many tokens of one adapter) join steps where others decode (one token each): the
-    layout pads the decoders and runs the long prompt's extra rows on their own."""
+@pytest.mark.parametrize("costs", ["model", "forced"])
+def test_requests_arriving_mid_run_mix_prefill_and_decode(setup, costs):
+    """New prompts (many tokens of one adapter) join steps where others decode (one token each). With
+    "forced" costs every step splits slots by rank and runs every slot's rows past the first on their own
+    (overflow), which the tiny model's own costs never choose."""
     case, llm, _, adapters, expected = setup
     eng = llm.engine
+    saved = eng.lora.costs
+    if costs == "forced":
+        eng.lora.costs = LoRACosts(overflow_cost_rows=0, split_min_rank_slots=0)
     names = list(adapters)
     arrivals = {0: [(names[0], 0), (names[1], 0)], 2: [(names[2], 2), (None, 1)], 5: [(names[3], 2), (names[0], 1)]}
     done, step = {}, 0
@@ -102,6 +107,7 @@ def test_requests_arriving_mid_run_mix_prefill_and_decode(setup):
             if out.finished:
                 done[out.request_id] = out.outputs[0].token_ids
         step += 1
+    eng.lora.costs = saved
     for s, jobs in arrivals.items():
         for n, k in jobs:
             assert done[f"mid-{n}-{k}-{s}"] == expected[(n, k)], (case, n, k)

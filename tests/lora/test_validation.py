@@ -182,3 +182,31 @@ def test_weights_that_break_after_validation_abort_only_their_requests(env):
     assert outs[0].outputs[0].finish_reason == "abort" and outs[0].finished
     assert outs[1].outputs[0].finish_reason == "length"
     check_still_serving()
+
+
+@pytest.mark.parametrize("targets,message", [
+    (r".*\.(q_proj|v_proj)", None),
+    ("all-linear", None),
+    (r".*embed_tokens", "token embedding"),
+    (r"model\.layers\.\d+\.foo", "matches no module"),
+    ("[", "not a valid regular expression"),
+    (["q_proj", "v_proj", "norm"], "only the attention and MLP projections"),
+])
+def test_target_modules_forms(env, targets, message):
+    llm, _, _, copy_good, check_still_serving, _ = env
+    from keel.lora.adapter import read_spec
+    p = copy_good(f"targets-{abs(hash(str(targets)))}")
+    edit_config(p, target_modules=targets)
+    if message is None:
+        read_spec("t", p, llm.engine.lora.base, 8)
+    else:
+        with pytest.raises(LoRAError, match=message):
+            read_spec("t", p, llm.engine.lora.base, 8)
+
+
+def test_base_model_name_check_is_lenient():
+    from keel.lora.adapter import _same_base
+    assert _same_base("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1")
+    assert _same_base("HuggingFaceTB/SmolLM2-135M", "SmolLM2-135M-Instruct")
+    assert _same_base("/tmp/x/llama-gqa/", "llama-gqa") and _same_base("", "anything")
+    assert not _same_base("meta-llama/Llama-2-7b-hf", "SmolLM2-135M-Instruct")
