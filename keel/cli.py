@@ -16,6 +16,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="auto (default: the faster of bfloat16/float32 here), float32, bfloat16, float16")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt plus output, in tokens")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="quantize the linear projections' weights as they load")
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -27,7 +29,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 def _llm(args):
     from keel import LLM
-    return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
+    return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+               quantization=args.quantize)
 
 
 def _params(args):
@@ -98,6 +101,7 @@ def cmd_serve(args) -> int:
     from keel.server import create_app
 
     engine = LLMEngine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                       quantization=args.quantize,
                        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs))
     name = args.served_model_name
     if not name:
@@ -138,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-waiting", type=int, default=256,
                    help="most requests waiting for a batch slot; beyond it requests get 429 with Retry-After")
     s.set_defaults(func=cmd_serve)
+    from keel.quant.cli import add_quantize_parser
+    add_quantize_parser(sub)
     args = parser.parse_args(argv)
     if getattr(args, "model_pos", None):
         args.model = args.model_pos
