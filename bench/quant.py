@@ -1,12 +1,13 @@
 """Quantization: quality and speed on the built-in model, and the kernel measurements behind keel/quant.
 
-    .venv/bin/python -m bench.quant [--out bench/results/quant.md] [--skip-kernels] [--skip-model]
+    .venv/bin/python -m bench.quant [--out bench/results/quant.md] [--rounds 3] [--threads N]
+                                    [--skip-ppl] [--skip-kernels] [--skip-model]
 
 Model part, one run: perplexity on bench/data/quant_text.txt (an essay written for this benchmark, 2,276
-tokens) and greedy decode tokens/s at batch 1 and 16, for the model unquantized in the machine's
-default dtype and in bfloat16, and quantized: int8, int4 (group 32: the GGUF file's Q4_1 blocks as they
-are) and int4 group 64 (requantized). Ratios are against bfloat16 (the issue's baseline) and against
-the default dtype, measured in the same run. The built-in model's weights are Q4_1 already: "bf16"
+tokens) and greedy decode tokens/s at batch 1 and 16, for the model unquantized in float32 (this machine's
+default dtype) and in bfloat16, and quantized with float32 activations: int8, int4 (group 32: the GGUF
+file's Q4_1 blocks as they are) and int4 group 64 (requantized). Ratios are against bfloat16 (the issue's
+baseline) and float32, measured in the same run. The built-in model's weights are Q4_1 already: "bf16"
 here means those weights dequantized, so int4 group 32 holds exactly them.
 
 Kernel part: microseconds per call of each candidate matmul at SmolLM2's projection shapes, and where
@@ -26,12 +27,12 @@ import torch.nn.functional as F
 from bench.decode import REPEAT, bench_keel, machine
 
 TEXT = os.path.join(os.path.dirname(__file__), "data", "quant_text.txt")
-CONFIGS = [  # label, dtype, quantization
-    ("default", None, None),
+CONFIGS = [  # label, dtype, quantization. Dtypes pinned, so that rows compare on any CPU
+    ("float32", "float32", None),  # keel's "auto" on a CPU without bf16 instructions
     ("bf16", "bfloat16", None),
-    ("int8", None, "int8"),
-    ("int4 g32", None, "int4"),
-    ("int4 g64", None, ("int4", 64)),
+    ("int8", "float32", "int8"),
+    ("int4 g32", "float32", "int4"),
+    ("int4 g64", "float32", ("int4", 64)),
 ]
 
 
@@ -61,7 +62,7 @@ def perplexity(llm, ids: list[int], chunk: int = 512) -> float:
     return math.exp(nll / count)
 
 
-def bench_model(new_tokens: int, rounds: int) -> list[str]:
+def bench_model(new_tokens: int, rounds: int, with_ppl: bool = True) -> list[str]:
     """All configurations loaded at once; perplexity of each (deterministic), then `rounds` rounds that
     time every configuration in turn, keeping each one's best: other processes share these cores, and
     interleaving gives every configuration the same chance at the quiet moments."""
@@ -74,7 +75,8 @@ def bench_model(new_tokens: int, rounds: int) -> list[str]:
         q = QuantConfig(*quant) if isinstance(quant, tuple) else quant
         llm = llms[label] = LLM(dtype=dtype, quantization=q, max_model_len=2560, kv_cache_memory_gb=0.5)
         ids = llm.tokenizer.encode(text)
-        rows[label] = {"dtype": str(llm.engine.dtype).replace("torch.", ""), "ppl": perplexity(llm, ids),
+        rows[label] = {"dtype": str(llm.engine.dtype).replace("torch.", ""),
+                       "ppl": perplexity(llm, ids) if with_ppl else float("nan"),
                        "bytes": llm.engine.weight_bytes(), "tokens": len(ids), 1: 0.0, 16: 0.0}
         print(label, rows[label]["dtype"], f"ppl {rows[label]['ppl']:.4f}", flush=True)
     for r in range(rounds):
@@ -82,11 +84,11 @@ def bench_model(new_tokens: int, rounds: int) -> list[str]:
             for b in (1, 16):
                 rows[label][b] = max(rows[label][b], bench_keel(llm, b, new_tokens))
         print(f"round {r + 1}:", {k: (round(v[1], 1), round(v[16], 1)) for k, v in rows.items()}, flush=True)
-    default_dtype = rows["default"]["dtype"]
-    base, dflt = rows["bf16"], rows["default"]
+    default_dtype = "float32"
+    base, dflt = rows["bf16"], rows["float32"]
     out = [f"Built-in model SmolLM2-135M-Instruct (GGUF Q4_1). Perplexity over {base['tokens']} tokens of "
            f"bench/data/quant_text.txt; greedy decode of {new_tokens} new tokens after a short prompt, tok/s the best "
-           f"of {rounds} interleaved rounds x {REPEAT} runs. Default dtype on this machine: {default_dtype}.", "",
+           f"of {rounds} interleaved rounds x {REPEAT} runs.", "",
            f"| config | activations | perplexity | vs bf16 | tok/s b=1 | tok/s b=16 | b=1 vs bf16 | b=1 vs "
            f"{default_dtype} | b=16 vs bf16 | b=16 vs {default_dtype} | projections MB | all weights MB |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -187,10 +189,11 @@ def main() -> None:
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--skip-ppl", action="store_true", help="decode speed only (perplexity takes minutes)")
     args = ap.parse_args()
     rows = [f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}", ""]
     if not args.skip_model:
-        rows += bench_model(args.new_tokens, args.rounds) + [""]
+        rows += bench_model(args.new_tokens, args.rounds, not args.skip_ppl) + [""]
     if not args.skip_kernels:
         rows += bench_kernels()
     text = "\n".join(rows)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from keel.errors import InvalidRequestError
@@ -11,7 +9,7 @@ from keel.errors import InvalidRequestError
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-_measured: dict[str, torch.dtype] = {}
+_chosen: dict[str, torch.dtype] = {}
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -30,27 +28,30 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
     return _DTYPES[dtype]
 
 
-def matmul_seconds(dtype: torch.dtype, device: torch.device, rows: int, repeat: int = 20) -> float:
-    """Time of a decoder-shaped matmul (rows tokens through a 1024 x 2816 projection)."""
-    x = torch.randn(rows, 1024, dtype=dtype, device=device)
-    w = torch.randn(2816, 1024, dtype=dtype, device=device)
-    for _ in range(3):
-        torch.nn.functional.linear(x, w)
-    t = time.perf_counter()
-    for _ in range(repeat):
-        torch.nn.functional.linear(x, w)
-    return (time.perf_counter() - t) / repeat
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# Flags of CPUs whose bfloat16 matmuls beat float32 ones (AMX tiles, AVX512-BF16 dot products).
+BF16_CPU_FLAGS = {"amx_bf16", "avx512_bf16"}
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on GPUs that have it; on a CPU whichever of bfloat16 and float32 runs a decoder-shaped
-    matmul faster at batch 1 and 16, measured once per process (about 50 ms): CPUs with AMX or
-    AVX512-BF16 favour bfloat16, plain AVX2 ones float32 by a wide margin (bench/kernels.py, bench/results/kernels.md)."""
+    """bfloat16 on GPUs that have it, else float16. On a CPU, bfloat16 where it has bfloat16 matmul
+    instructions (AMX, AVX512-BF16), else float32: on a plain AVX2 CPU bf16 F.linear is 1.3x slower at
+    one row and 4-7x slower at 16 (bench/results/kernels.md). Decided by the CPU's flags, never by a
+    timing, so the same machine always runs the same dtype and gives the same tokens, under any load."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     key = str(device)
-    if key not in _measured:
-        cost = {dt: matmul_seconds(dt, device, 1) + matmul_seconds(dt, device, 16) / 4
-                for dt in (torch.float32, torch.bfloat16)}
-        _measured[key] = min(cost, key=cost.get)
-    return _measured[key]
+    if key not in _chosen:
+        _chosen[key] = torch.bfloat16 if cpu_flags() & BF16_CPU_FLAGS else torch.float32
+    return _chosen[key]

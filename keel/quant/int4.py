@@ -6,14 +6,16 @@ Checkpoint tensors: qweight uint8 [out, in / 2] (two codes a byte, the even inpu
 nibble), scales and zeros bfloat16 [out, in / group_size]. Scales and zeros are bfloat16 because the
 kernels take them so; the quantizer picks the codes against the rounded values.
 
-Kernel, chosen by measurement (bench/quant.py --kernels, 2-core AVX2 EPYC, torch 2.13, SmolLM2 shapes,
-microseconds; bench/results/quant.md):
+Kernel, chosen by measurement (bench/quant.py, table in bench/results/quant.md; 2-core AVX2 EPYC, torch
+2.13, SmolLM2 shapes, microseconds, best of several runs on a shared machine):
 - CPU: torch._weight_int4pack_mm_for_cpu over the weight reordered by _convert_weight_to_int4pack_for_cpu,
-  with bfloat16 activations: 3072x576 at 1 token 151 us (group 32) against 202 for float32 oneDNN. With
-  float32 activations it takes 2.3 ms, so a float32 model casts x to bfloat16 around it. Group 32 and
-  64 cost the same (see DEFAULT_INT4_GROUP_SIZE). From about 8 rows on, float32 oneDNN is faster (16
-  rows: 472 against 832 us); a float32 model sends batches above INT4_CPU_FP32_MAX_ROWS through
-  dequantize-then-matmul, where that wins over the kernel.
+  with bfloat16 activations: gate_up 3072x576 at 1 row 151-168 us (group 32) against 175-202 for
+  float32 oneDNN; the 49152x576 output head 2.4 ms against 5.7. With float32 activations it takes
+  1.9-2.3 ms, so a float32 model casts x to bfloat16 around it. Groups 32 and 64 cost the same (see
+  DEFAULT_INT4_GROUP_SIZE).
+- From about 8 rows on, float32 oneDNN is faster (16 rows: 472 against 832 us). Dequantizing costs more
+  than for int8 (the kernel's nibble layout is unpacked in several passes), so dequantize-then-matmul
+  only wins from about 64 rows: a float32 model sends batches above INT4_CPU_FP32_MAX_ROWS that way.
 - CUDA: torch._weight_int4pack_mm (tinygemm) for bfloat16 models, checked on a probe at load (no GPU
   was at hand to measure it: where it fails the check, the reference is used).
 - elsewhere: dequantize-then-matmul, the reference.
