@@ -13,7 +13,7 @@ from keel.errors import KeelError
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="model folder, GGUF file or hub id (default: the built-in SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default=None, help="auto (default: the faster of bfloat16/float32 here), float32, bfloat16, float16")
+    p.add_argument("--dtype", default=None, help="auto (default: bfloat16 on GPUs and on CPUs with bf16 instructions, else float32), float32, bfloat16, float16")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt plus output, in tokens")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
@@ -92,24 +92,40 @@ def cmd_chat(args) -> int:
         history.append({"role": "assistant", "content": reply})
 
 
+def _lora_arg(spec: str) -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise KeelError(f"--lora {spec!r}: write it as NAME=PATH")
+    return name.strip(), path.strip()
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from keel.config import SchedulerConfig
+    from keel.config import LoRAConfig, SchedulerConfig
     from keel.engine.llm_engine import LLMEngine
     from keel.models.loader import DEFAULT_MODEL_NAME
     from keel.server import create_app
 
+    lora = None
+    if args.enable_lora or args.lora or args.lora_dir:
+        lora = LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras)
+    adapters = [_lora_arg(spec) for spec in args.lora or []]  # bad syntax fails before the model loads
     engine = LLMEngine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                       quantization=args.quantize,
+                       quantization=args.quantize, lora=lora,
                        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs))
+    for folder in args.lora_dir or []:
+        names = engine.register_lora_dir(folder)
+        print(f"keel: registered {len(names)} adapters from {folder}", file=sys.stderr, flush=True)
+    for name, path in adapters:
+        engine.add_lora(name, path)  # validated now: a bad adapter stops the start with its reason
     name = args.served_model_name
     if not name:
         # a hub id is served under that id; a local folder or file under its own name
         local = args.model is None or os.path.exists(args.model)
         name = DEFAULT_MODEL_NAME if args.model is None else engine.model_name if local else args.model
     app = create_app(engine, served_model_name=name, api_key=args.api_key or os.environ.get("KEEL_API_KEY"),
-                     max_waiting=args.max_waiting)
+                     max_waiting=args.max_waiting, allow_lora_updates=not args.no_lora_updates)
     print(f"keel: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0
@@ -141,6 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences running in one batch")
     s.add_argument("--max-waiting", type=int, default=256,
                    help="most requests waiting for a batch slot; beyond it requests get 429 with Retry-After")
+    lo = s.add_argument_group("LoRA adapters (the request's `model` field names one)")
+    lo.add_argument("--enable-lora", action="store_true", help="serve adapters (implied by --lora and --lora-dir)")
+    lo.add_argument("--lora", action="append", metavar="NAME=PATH",
+                    help="an adapter folder (PEFT format) served as NAME, validated at start; repeatable")
+    lo.add_argument("--lora-dir", action="append", metavar="DIR",
+                    help="every subfolder of DIR is an adapter named after it, registered without loading "
+                         "(validated at first use); repeatable")
+    lo.add_argument("--max-loras", type=int, default=8, help="adapters resident next to the weights (one batch mixes up to this many)")
+    lo.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept loaded in host memory (default: --max-loras)")
+    lo.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank accepted")
+    lo.add_argument("--no-lora-updates", action="store_true",
+                    help="turn off POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
     s.set_defaults(func=cmd_serve)
     from keel.quant.cli import add_quantize_parser
     add_quantize_parser(sub)

@@ -37,3 +37,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: Exception | None = None  # why the engine ended it early (its adapter failed to load, say)

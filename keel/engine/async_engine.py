@@ -92,6 +92,9 @@ class AsyncEngine:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise EngineDeadError(f"the engine stopped: {item}")
+                if item.error is not None:  # ended by the engine, not by the model: the caller gets the reason
+                    finished = item.finished
+                    raise item.error
                 yield item
                 if item.finished:
                     finished = True

@@ -296,5 +296,7 @@ class LLMEngine:
                 if group.outputs[i].finish_reason is None:
                     group.outputs[i].finish_reason = "abort"
                     group.detoks[i].finish()
-            results.append(self._emit(group))
+            out = self._emit(group)
+            out.error = failures[group.adapter_id]
+            results.append(out)
         return results

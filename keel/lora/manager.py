@@ -168,6 +168,12 @@ class LoRAManager:
             return [LoRAInfo(e.name, e.path, e.adapter_id, e.spec is not None, e.adapter_id in self._host,
                              e.adapter_id in self.slot_of) for e in self._by_name.values()]
 
+    def path_of(self, name: str) -> str | None:
+        """The folder of a registered adapter (None: not registered)."""
+        with self._cv:
+            entry = self._by_name.get(name)
+            return None if entry is None else entry.path
+
     def resolve(self, name: str) -> int:
         """The id of a registered adapter, validating it on first use (LoRANotFoundError, LoRAError)."""
         with self._cv:

@@ -23,6 +23,7 @@ from keel.engine.llm_engine import LLMEngine
 from keel.outputs import RequestOutput
 from keel.sampling_params import SamplingParams
 from keel.server import errors
+from keel.server.adapters import adapter_cards, adapter_fingerprint
 from keel.server.errors import APIError, context_length_exceeded, from_validation, model_not_found
 from keel.server.fingerprint import created_time, system_fingerprint
 from keel.server.metrics import Metrics
@@ -39,10 +40,29 @@ class ServerState:
     fingerprint: str
     created: int
     metrics: Metrics = field(default_factory=Metrics)
+    allow_lora_updates: bool = True
+    _adapter_fps: dict[str, str] = field(default_factory=dict)
 
-    def check_model(self, name: str) -> None:
-        if name != self.served_model_name:
+    def check_model(self, name: str) -> str | None:
+        """The adapter a request's `model` names (None: the base model); 404 for anything else."""
+        if name == self.served_model_name:
+            return None
+        lora = self.engine.lora
+        if lora is None or lora.path_of(name) is None:
             raise model_not_found(name)
+        return name
+
+    def fingerprint_for(self, adapter: str | None) -> str:
+        if adapter is None:
+            return self.fingerprint
+        fp = self._adapter_fps.get(adapter)
+        path = self.engine.lora.path_of(adapter)
+        if fp is None and path is not None:
+            fp = self._adapter_fps[adapter] = adapter_fingerprint(self.fingerprint, path)
+        return fp or self.fingerprint
+
+    def forget_fingerprint(self, adapter: str) -> None:
+        self._adapter_fps.pop(adapter, None)
 
     def max_tokens_for(self, prompt_len: int, requested: int | None, where: str) -> int:
         """The completion budget, or a context_length_exceeded error. Unlike the engine, which would
@@ -57,12 +77,12 @@ class ServerState:
         return requested
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 arrival: float) -> AsyncIterator[RequestOutput]:
-        return self.metrics.track(self.aeng.generate(request_id, prompt_ids, params), arrival)
+                 arrival: float, adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+        return self.metrics.track(self.aeng.generate(request_id, prompt_ids, params, adapter=adapter), arrival)
 
     def model_card(self) -> dict:
         return {"id": self.served_model_name, "object": "model", "created": self.created, "owned_by": "keel",
-                "max_model_len": self.engine.max_model_len}
+                "root": self.served_model_name, "parent": None, "max_model_len": self.engine.max_model_len}
 
 
 def get_state(request: Request) -> ServerState:
@@ -96,12 +116,15 @@ async def require_api_key(request: Request) -> None:
 
 
 def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None = None,
-               max_waiting: int = DEFAULT_MAX_WAITING) -> FastAPI:
-    from keel.server import chat, completions  # endpoint modules import this one for ServerState
+               max_waiting: int = DEFAULT_MAX_WAITING, allow_lora_updates: bool = True) -> FastAPI:
+    """allow_lora_updates: POST /v1/load_lora_adapter and /v1/unload_lora_adapter work (when the
+    engine serves LoRA adapters); they read folders on the server's disk, so turn them off where
+    holders of the API key should not choose what the server reads."""
+    from keel.server import adapters, chat, completions  # endpoint modules import this one for ServerState
 
     aeng = AsyncEngine(engine, max_waiting=max_waiting)
     state = ServerState(engine, aeng, served_model_name, api_key or None, system_fingerprint(engine),
-                        created_time(engine))
+                        created_time(engine), allow_lora_updates=allow_lora_updates)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -115,16 +138,19 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
     v1.include_router(chat.router)
     v1.include_router(completions.router)
+    v1.include_router(adapters.router)
 
     @v1.get("/models")
     async def list_models(request: Request):
-        return {"object": "list", "data": [get_state(request).model_card()]}
+        s = get_state(request)
+        return {"object": "list", "data": [s.model_card(), *adapter_cards(s)]}
 
     @v1.get("/models/{model_id:path}")
     async def get_model(model_id: str, request: Request):
         s = get_state(request)
-        s.check_model(model_id)
-        return s.model_card()
+        if s.check_model(model_id) is None:
+            return s.model_card()
+        return next(c for c in adapter_cards(s) if c["id"] == model_id)
 
     app.include_router(v1)
 

@@ -27,14 +27,14 @@ async def create_chat_completion(request: Request):
     arrival = time.monotonic()
     body = await read_body(request, ChatCompletionRequest)
     state = get_state(request)
-    state.check_model(body.model)
+    adapter = state.check_model(body.model)
     prompt_ids = render_prompt(state.engine.tokenizer, body)
     max_tokens = state.max_tokens_for(len(prompt_ids), body.requested_max_tokens, "messages")
     params = body.sampling_params(max_tokens, body.num_logprobs)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    fanin = await start(request, [state.generate(request_id, prompt_ids, params, arrival)])
-    head = {"id": request_id, "created": now(), "model": state.served_model_name,
-            "system_fingerprint": state.fingerprint}
+    fanin = await start(request, [state.generate(request_id, prompt_ids, params, arrival, adapter)])
+    head = {"id": request_id, "created": now(), "model": body.model,
+            "system_fingerprint": state.fingerprint_for(adapter)}
     if body.stream:
         chunks = _chunks(fanin, head, params.n, body.include_usage, bool(body.logprobs),
                          params.include_stop_str_in_output)

@@ -66,7 +66,7 @@ async def create_completion(request: Request):
     arrival = time.monotonic()
     body = await read_body(request, CompletionRequest)
     state = get_state(request)
-    state.check_model(body.model)
+    adapter = state.check_model(body.model)
     tok = state.engine.tokenizer
     prompts = body.prompts
     # Tokenized here (as the engine would) so that the context check and usage see the same ids.
@@ -79,10 +79,10 @@ async def create_completion(request: Request):
               for p in prompts]
     include_stop = bool(body.include_stop_str_in_output)
     choices = [_Choice(echoes[k // n], include_stop) for k in range(len(prompts) * n)]
-    fanin = await start(request, [state.generate(f"{request_id}-{k}", p, params[k], arrival)
+    fanin = await start(request, [state.generate(f"{request_id}-{k}", p, params[k], arrival, adapter)
                                   for k, p in enumerate(ids)])
-    head = {"id": request_id, "object": "text_completion", "created": now(), "model": state.served_model_name,
-            "system_fingerprint": state.fingerprint}
+    head = {"id": request_id, "object": "text_completion", "created": now(), "model": body.model,
+            "system_fingerprint": state.fingerprint_for(adapter)}
     want_lp = body.logprobs is not None
     if body.stream:
         chunks = _chunks(fanin, head, choices, n, len(prompts), body.include_usage, want_lp)

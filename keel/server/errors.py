@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keel.engine.async_engine import EngineDeadError, QueueFullError
-from keel.errors import KeelError
+from keel.errors import KeelError, LoRAError, LoRANotFoundError
 from keel.server.protocol import RequestError
 from keel.server.streaming import ClientDisconnected
 
@@ -72,6 +72,11 @@ def from_exception(exc: BaseException) -> APIError:
         log.error("request failed, the engine is down: %s", exc)
         return APIError(503, "The inference engine stopped after an internal error; the server must be restarted.",
                         type="server_error", code="engine_unavailable")
+    if isinstance(exc, LoRANotFoundError):  # unloaded between the model check and the engine
+        return APIError(404, f"The model does not exist: {exc}.", code="model_not_found", param="model")
+    if isinstance(exc, LoRAError):  # the adapter a request names cannot be served
+        return APIError(400, f"The model's LoRA adapter cannot be used: {exc}", code="invalid_lora_adapter",
+                        param="model")
     if isinstance(exc, KeelError):  # the engine's own validation (prompt tokens, stop ids, ...)
         return APIError(400, str(exc), code="invalid_value")
     error_id = uuid.uuid4().hex[:12]

@@ -23,7 +23,7 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "special_tokens_map.json", "chat_template.json", "chat_template.jinja")
 
 
-def _digest_file(h, path: str) -> None:
+def digest_file(h, path: str) -> None:
     size = os.path.getsize(path)
     h.update(f"{os.path.basename(path)}:{size}:".encode())
     with open(path, "rb") as f:
@@ -47,7 +47,7 @@ def model_files(engine) -> list[str]:
 def system_fingerprint(engine) -> str:
     h = hashlib.blake2b(digest_size=16)
     for path in sorted(model_files(engine), key=os.path.basename):
-        _digest_file(h, path)
+        digest_file(h, path)
     device = getattr(getattr(engine, "device", None), "type", "cpu")
     h.update(f"|dtype={engine.dtype}|device={device}|keel={keel.__version__}".encode())
     return "fp_" + h.hexdigest()[:10]

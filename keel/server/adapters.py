@@ -1,0 +1,120 @@
+"""LoRA adapters over HTTP: the `model` field naming an adapter, adapters in /v1/models, and
+POST /v1/load_lora_adapter / POST /v1/unload_lora_adapter (the bodies vLLM's server takes).
+
+Choices where vLLM and OpenAI say nothing:
+- loading a name again with the same path is a no-op answered 200 (a deployment script can be re-run);
+  the same name with another path is a 400 unless `load_inplace` is true, which swaps the adapter
+  (requests already running finish on the old weights, later ones get the new);
+- an adapter is validated (config, targets, shapes, base model) before the load call answers, off the
+  event loop, and its weights are read in the background: the call never waits on a running batch;
+- each adapter answers with its own `system_fingerprint`: the base model's combined with a digest of
+  the adapter's files, so two adapters, or two versions of one, never share a fingerprint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, ConfigDict
+
+from keel.errors import LoRAError, LoRANotFoundError
+from keel.server.errors import APIError
+from keel.server.fingerprint import digest_file
+
+router = APIRouter()
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class LoadLoRARequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+
+
+class UnloadLoRARequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str
+    lora_int_id: int | None = None  # accepted for vLLM clients; the name decides
+
+
+def adapter_fingerprint(base: str, path: str) -> str:
+    h = hashlib.blake2b(base.encode(), digest_size=16)
+    for name in ADAPTER_FILES:
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            digest_file(h, f)
+    return "fp_" + h.hexdigest()[:10]
+
+
+def adapter_cards(state) -> list[dict]:
+    """/v1/models entries for the registered adapters: `parent` is the base model, `root` the folder."""
+    return [{"id": a.name, "object": "model", "created": state.created, "owned_by": "keel", "root": a.path,
+             "parent": state.served_model_name, "max_model_len": state.engine.max_model_len}
+            for a in state.engine.list_loras()]
+
+
+def _need_lora(state) -> None:
+    if state.engine.lora is None:
+        raise APIError(400, "This server serves no LoRA adapters: start it with --enable-lora, --lora or --lora-dir.",
+                       code="lora_disabled")
+    if not state.allow_lora_updates:
+        raise APIError(403, "Loading and unloading adapters at run time is turned off on this server "
+                            "(--no-lora-updates).", type="permission_error", code="lora_updates_disabled")
+
+
+def _state(request: Request):
+    return request.app.state.keel
+
+
+@router.post("/load_lora_adapter")
+async def load_lora_adapter(request: Request):
+    from keel.server.app import read_body
+    body = await read_body(request, LoadLoRARequest)
+    state = _state(request)
+    _need_lora(state)
+    name = body.lora_name
+    if name == state.served_model_name:
+        raise APIError(400, f"`{name}` is the base model's name; give the adapter another name.",
+                       code="invalid_value", param="lora_name")
+    engine = state.engine
+    loop = asyncio.get_running_loop()
+
+    def load() -> None:
+        if body.load_inplace:
+            path = os.path.abspath(os.path.expanduser(body.lora_path))
+            known = {a.name: a.path for a in engine.list_loras()}
+            if name in known and known[name] != path:
+                # Validate the new folder under a scratch name first: a bad one leaves the old in place.
+                scratch = f"{name}\x00new"
+                engine.add_lora(scratch, path)
+                engine.remove_lora(scratch)
+                engine.remove_lora(name)
+        engine.add_lora(name, body.lora_path)
+    try:
+        await loop.run_in_executor(None, load)
+    except LoRAError as e:
+        raise APIError(400, f"LoRA adapter `{name}` cannot be loaded: {e}", code="invalid_lora_adapter",
+                       param="lora_path") from None
+    state.forget_fingerprint(name)
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+
+@router.post("/unload_lora_adapter")
+async def unload_lora_adapter(request: Request):
+    from keel.server.app import read_body
+    body = await read_body(request, UnloadLoRARequest)
+    state = _state(request)
+    _need_lora(state)
+    try:
+        state.engine.remove_lora(body.lora_name)
+    except LoRANotFoundError:
+        raise APIError(404, f"The LoRA adapter `{body.lora_name}` is not loaded.", code="lora_not_found",
+                       param="lora_name") from None
+    state.forget_fingerprint(body.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
