@@ -1,8 +1,8 @@
 """`system_fingerprint`: one short id for everything that decides which tokens a request gets back.
 
-It must change when the weights, tokenizer, chat template, dtype, device kind or keel itself change,
-and stay the same across restarts and across copies of the same files on other machines (so no
-clocks and no modification times). Small files are hashed whole. Weight files are too big to hash
+It must change when the weights, tokenizer, chat template, dtype, quantization, device kind or keel
+itself change, and stay the same across restarts and across copies of the same files on other machines
+(so no clocks and no modification times). Small files are hashed whole. Weight files are too big to hash
 at every start, so each one contributes its size and evenly spaced samples of its bytes: any
 retraining or fine-tune changes bytes everywhere, and the header (tensor names, shapes, dtypes)
 is always in the first sample.
@@ -49,7 +49,9 @@ def system_fingerprint(engine) -> str:
     for path in sorted(model_files(engine), key=os.path.basename):
         digest_file(h, path)
     device = getattr(getattr(engine, "device", None), "type", "cpu")
-    h.update(f"|dtype={engine.dtype}|device={device}|keel={keel.__version__}".encode())
+    quant = getattr(engine, "quantization", None)  # quantizing at load changes the weights the files hold
+    quant = quant.describe() if quant is not None else "none"
+    h.update(f"|dtype={engine.dtype}|device={device}|quant={quant}|keel={keel.__version__}".encode())
     return "fp_" + h.hexdigest()[:10]
 
 

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import openai
 import pytest
 
+from keel.quant import QuantConfig
 from keel.server.fingerprint import system_fingerprint
 from tests.server.conftest import MODEL, chat_body, sse_events
 
@@ -57,14 +58,16 @@ def test_system_fingerprint_follows_the_files_not_the_clock(server, tiny_ckpt, t
     fp = server.state.fingerprint
     assert re.fullmatch(r"fp_[0-9a-f]{10}", fp)
 
-    def fingerprint(folder, dtype=engine.dtype):
+    def fingerprint(folder, dtype=engine.dtype, quantization=None):
         files = [f.replace(tiny_ckpt, folder) for f in engine.checkpoint_files]
         return system_fingerprint(SimpleNamespace(checkpoint_files=files, model_path=folder, dtype=dtype,
-                                                  device=engine.device))
+                                                  device=engine.device, quantization=quantization))
     copy = str(tmp_path / "copy")
     shutil.copytree(tiny_ckpt, copy)  # new modification times, same bytes
     assert fingerprint(tiny_ckpt) == fingerprint(copy) == fp
     assert fingerprint(copy, dtype="bfloat16") != fp
+    int8, int4 = (fingerprint(copy, quantization=QuantConfig(m)) for m in ("int8", "int4"))
+    assert len({fp, int8, int4, fingerprint(copy, quantization=QuantConfig("int4", 64))}) == 4
     config = json.loads((tmp_path / "copy" / "tokenizer_config.json").read_text())
     config["chat_template"] += " "
     (tmp_path / "copy" / "tokenizer_config.json").write_text(json.dumps(config))
