@@ -180,6 +180,11 @@ class LLMEngine:
 
     # -- one step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.device.type == "cpu":
+            # The flag lives in a per-thread register: set it on whichever thread steps (the server's
+            # engine thread is not the one that built the engine), or that thread runs 2x slower and
+            # its tokens can differ from the offline API's.
+            torch.set_flush_denormal(True)
         failed = self._fail_adapter_requests() if self.lora is not None else []
         sched = self.scheduler.schedule()
         if self.lora is not None and not sched.scheduled and self.scheduler.has_unfinished():
