@@ -99,6 +99,20 @@ def _lora_arg(spec: str) -> tuple[str, str]:
     return name.strip(), path.strip()
 
 
+def _embedding_model(args, chat_name: str):
+    """The embedding model to serve beside the chat model: --embedding-model, else the built-in one
+    when its package is installed (a missing package is not an error), none with --no-embedding-model."""
+    from keel.embed import EmbeddingModel, builtin_embedding_path
+    if args.no_embedding_model:
+        return None
+    if args.embedding_model is None and builtin_embedding_path() is None:
+        return None
+    model = EmbeddingModel(args.embedding_model, device=args.device)
+    if model.name == chat_name:
+        raise KeelError(f"the embedding model and the chat model are both named {chat_name!r}")
+    return model
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -124,8 +138,12 @@ def cmd_serve(args) -> int:
         # a hub id is served under that id; a local folder or file under its own name
         local = args.model is None or os.path.exists(args.model)
         name = DEFAULT_MODEL_NAME if args.model is None else engine.model_name if local else args.model
+    embedder = _embedding_model(args, name)
     app = create_app(engine, served_model_name=name, api_key=args.api_key or os.environ.get("KEEL_API_KEY"),
-                     max_waiting=args.max_waiting, allow_lora_updates=not args.no_lora_updates)
+                     max_waiting=args.max_waiting, allow_lora_updates=not args.no_lora_updates,
+                     embedding_model=embedder)
+    if embedder is not None:
+        print(f"keel: embeddings from {embedder.name}", file=sys.stderr, flush=True)
     print(f"keel: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0
@@ -157,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences running in one batch")
     s.add_argument("--max-waiting", type=int, default=256,
                    help="most requests waiting for a batch slot; beyond it requests get 429 with Retry-After")
+    em = s.add_argument_group("embeddings (POST /v1/embeddings)")
+    em.add_argument("--embedding-model", default=None, metavar="PATH",
+                    help="a BERT-family embedding model folder (default: the built-in all-MiniLM-L6-v2 when installed)")
+    em.add_argument("--no-embedding-model", action="store_true", help="serve no embedding model")
     lo = s.add_argument_group("LoRA adapters (the request's `model` field names one)")
     lo.add_argument("--enable-lora", action="store_true", help="serve adapters (implied by --lora and --lora-dir)")
     lo.add_argument("--lora", action="append", metavar="NAME=PATH",

@@ -22,7 +22,9 @@ from keel.engine.async_engine import AsyncEngine
 from keel.engine.llm_engine import LLMEngine
 from keel.outputs import RequestOutput
 from keel.sampling_params import SamplingParams
+from keel.embed import EmbeddingModel
 from keel.server import errors
+from keel.server.embeddings import EmbeddingService
 from keel.server.adapters import adapter_cards, adapter_fingerprint
 from keel.server.errors import APIError, context_length_exceeded, from_validation, model_not_found
 from keel.server.fingerprint import created_time, system_fingerprint
@@ -41,16 +43,22 @@ class ServerState:
     created: int
     metrics: Metrics = field(default_factory=Metrics)
     allow_lora_updates: bool = True
+    embeddings: EmbeddingService | None = None
     _adapter_fps: dict[str, str] = field(default_factory=dict)
+
+    def is_adapter(self, name: str) -> bool:
+        return self.engine.lora is not None and self.engine.lora.path_of(name) is not None
 
     def check_model(self, name: str) -> str | None:
         """The adapter a request's `model` names (None: the base model); 404 for anything else."""
         if name == self.served_model_name:
             return None
-        lora = self.engine.lora
-        if lora is None or lora.path_of(name) is None:
-            raise model_not_found(name)
-        return name
+        if self.is_adapter(name):
+            return name
+        if self.embeddings is not None and name == self.embeddings.model.name:
+            raise APIError(400, f"`{name}` is an embedding model: use POST /v1/embeddings with it. This server's "
+                                f"chat model is `{self.served_model_name}`.", code="model_not_supported", param="model")
+        raise model_not_found(name)
 
     def fingerprint_for(self, adapter: str | None) -> str:
         if adapter is None:
@@ -116,20 +124,28 @@ async def require_api_key(request: Request) -> None:
 
 
 def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None = None,
-               max_waiting: int = DEFAULT_MAX_WAITING, allow_lora_updates: bool = True) -> FastAPI:
-    """allow_lora_updates: POST /v1/load_lora_adapter and /v1/unload_lora_adapter work (when the
+               max_waiting: int = DEFAULT_MAX_WAITING, allow_lora_updates: bool = True,
+               embedding_model: EmbeddingModel | None = None) -> FastAPI:
+    """embedding_model: served by POST /v1/embeddings under its own name (None: no embeddings).
+    allow_lora_updates: POST /v1/load_lora_adapter and /v1/unload_lora_adapter work (when the
     engine serves LoRA adapters); they read folders on the server's disk, so turn them off where
     holders of the API key should not choose what the server reads."""
-    from keel.server import adapters, chat, completions  # endpoint modules import this one for ServerState
+    from keel.server import adapters, chat, completions, embeddings  # these import this module
 
     aeng = AsyncEngine(engine, max_waiting=max_waiting)
     state = ServerState(engine, aeng, served_model_name, api_key or None, system_fingerprint(engine),
                         created_time(engine), allow_lora_updates=allow_lora_updates)
+    if embedding_model is not None:
+        if embedding_model.name == served_model_name:
+            raise ValueError(f"the embedding model and the chat model are both named {served_model_name!r}")
+        state.embeddings = EmbeddingService(embedding_model, state.created)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         aeng.shutdown()
+        if state.embeddings is not None:
+            state.embeddings.shutdown()
 
     app = FastAPI(title="keel", version=keel.__version__, lifespan=lifespan, debug=False)
     app.state.keel = state
@@ -139,15 +155,19 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
     v1.include_router(chat.router)
     v1.include_router(completions.router)
     v1.include_router(adapters.router)
+    v1.include_router(embeddings.router)
 
     @v1.get("/models")
     async def list_models(request: Request):
         s = get_state(request)
-        return {"object": "list", "data": [s.model_card(), *adapter_cards(s)]}
+        extra = [s.embeddings.card()] if s.embeddings is not None else []
+        return {"object": "list", "data": [s.model_card(), *extra, *adapter_cards(s)]}
 
     @v1.get("/models/{model_id:path}")
     async def get_model(model_id: str, request: Request):
         s = get_state(request)
+        if s.embeddings is not None and model_id == s.embeddings.model.name:
+            return s.embeddings.card()
         if s.check_model(model_id) is None:
             return s.model_card()
         return next(c for c in adapter_cards(s) if c["id"] == model_id)

@@ -36,3 +36,14 @@ def test_serve_arguments(tiny_ckpt, monkeypatch):
 def test_serve_bad_model_is_a_clean_error(capsys):
     assert main(["serve", "/no/such/model"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_serve_embedding_model_flags(tiny_ckpt, monkeypatch, tmp_path):
+    from keel.embed import builtin_embedding_path
+    state = serve(monkeypatch, tiny_ckpt, "--dtype", "float32")["state"]
+    if builtin_embedding_path() is not None:  # installed by scripts/setup.sh
+        assert state.embeddings.model.name == "all-MiniLM-L6-v2"
+    else:
+        assert state.embeddings is None
+    assert serve(monkeypatch, tiny_ckpt, "--no-embedding-model")["state"].embeddings is None
+    assert main(["serve", tiny_ckpt, "--embedding-model", str(tmp_path / "nope")]) == 2
