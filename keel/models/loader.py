@@ -149,13 +149,16 @@ def checkpoint_target(model: torch.nn.Module, name: str) -> tuple[str, str | Non
     return name, None
 
 
-def load_weights(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+def load_weights(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], headless: bool = False) -> None:
+    """headless: the output head may be missing (an embedding model never computes logits)."""
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     tied = model.config.tie_word_embeddings
     for name, tensor in tensors:
         if "rotary_emb" in name or (tied and name == "lm_head.weight"):
             continue
+        if not name.startswith(("model.", "lm_head.")):  # a checkpoint of the decoder without its head
+            name = "model." + name
         name, shard = checkpoint_target(model, name)
         param = params.get(name)
         if param is None:
@@ -175,12 +178,14 @@ def load_weights(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tens
         sizes = getattr(owner, "output_sizes", None)
         expected.update(f"{pname}:{s}" for s in sizes) if sizes else expected.add(pname)
     missing = sorted(expected - loaded)
+    if headless:
+        missing = [m for m in missing if not m.startswith("lm_head.")]
     if missing:
         raise ModelLoadError(f"the checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
 
 
 def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_positions: int,
-                quantization: "QuantConfig | None" = None) -> torch.nn.Module:
+                quantization: "QuantConfig | None" = None, headless: bool = False) -> torch.nn.Module:
     """The model with the checkpoint's weights; quantized (its projections swapped for quantized layers
     before any weight is read, each weight quantized as it streams in) when `quantization` is given or
     the checkpoint is a quantized one."""
@@ -193,5 +198,5 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_
         from keel.quant.convert import checkpoint_tensors, quantize_model
         quantize_model(model, quant)
         tensors = checkpoint_tensors(model, ckpt, quant)
-    load_weights(model, tensors)
+    load_weights(model, tensors, headless)
     return model.eval()

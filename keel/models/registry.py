@@ -14,6 +14,10 @@ MODELS = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
+# The same decoders saved without their output head (as embedding models such as Qwen3-Embedding
+# are): their tensors lack the "model." prefix, and only an embedding model may lack lm_head.
+MODELS.update({"LlamaModel": LlamaForCausalLM, "MistralModel": MistralForCausalLM,
+               "Qwen2Model": Qwen2ForCausalLM, "Qwen3Model": Qwen3ForCausalLM})
 
 
 def model_class(architecture: str):
