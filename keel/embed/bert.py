@@ -1,6 +1,7 @@
 """BERT-family encoders (BERT, MiniLM, the sentence-transformers models built on them), our own
 implementation: word + position + token-type embeddings, post-norm layers of bidirectional attention
-and a GELU MLP. Batches are padded to the longest sequence; the padding is masked out of attention.
+and a GELU MLP. Tokens run packed (no padding) through every projection; only attention pads them to
+the batch's longest sequence, with the padding masked out.
 
 Weights come from the Hugging Face `BertModel` layout (with or without a `bert.` prefix); the pooler
 and any task heads are not loaded (sentence embeddings pool the last hidden states themselves).
@@ -29,11 +30,22 @@ class BertLayer(nn.Module):
         self.mlp_norm = nn.LayerNorm(hidden, eps=eps)
         self.act = act
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        x = self.attn_norm(x + self.attn_out(a.transpose(1, 2).reshape(b, t, d)))
+    def forward(self, x: torch.Tensor, shape: tuple[int, int], real: torch.Tensor | None,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """x [N, H]: the batch's real tokens, packed. Only attention sees the padded [B, T] layout
+        (`real` indexes the real tokens in it; None when nothing is padded)."""
+        b, t = shape
+        n, d = x.shape
+        qkv = self.qkv(x)
+        if real is not None:
+            padded = qkv.new_zeros(b * t, 3 * d)
+            padded[real] = qkv
+            qkv = padded
+        q, k, v = qkv.view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b * t, d)
+        if real is not None:
+            a = a[real]
+        x = self.attn_norm(x + self.attn_out(a))
         h = self.up(x)
         h = F.gelu(h, approximate="tanh" if self.act in ("gelu_new", "gelu_pytorch_tanh") else "none")
         return self.mlp_norm(x + self.down(h))
@@ -65,19 +77,29 @@ class BertEncoder(nn.Module):
         self.layers = nn.ModuleList(BertLayer(hidden, heads, intermediate, eps, act) for _ in range(self.num_layers))
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """ids [B, T] (padded), lengths [B] -> last hidden states [B, T, H] (padding rows are garbage)."""
+        """ids [B, T] (padded), lengths [B] -> last hidden states [B, T, H] (padding rows are zeros).
+
+        The projections and MLPs, nearly all of the work, run on the real tokens only, packed: with
+        texts of mixed lengths a padded batch would spend most of its time on padding."""
         b, t = ids.shape
         pos = torch.arange(t, device=ids.device)
-        x = self.word(ids) + self.position(pos)[None] + self.token_type.weight[0]
-        x = self.norm(x)
+        keep = pos[None, :] < lengths[:, None]  # [B, T] real tokens
+        padded = not bool(keep.all())
+        real = keep.view(-1).nonzero().squeeze(1) if padded else None
+        flat_ids = ids.view(-1) if real is None else ids.view(-1)[real]
+        flat_pos = pos.repeat(b) if real is None else pos.repeat(b)[real]
+        x = self.norm(self.word(flat_ids) + self.position(flat_pos) + self.token_type.weight[0])
         mask = None
-        if bool((lengths < t).any()):
-            keep = pos[None, :] < lengths[:, None]  # [B, T] real tokens
+        if padded:
             mask = torch.zeros(b, 1, 1, t, dtype=x.dtype, device=x.device)
             mask.masked_fill_(~keep[:, None, None, :], -math.inf)
         for layer in self.layers:
-            x = layer(x, mask)
-        return x
+            x = layer(x, (b, t), real, mask)
+        if real is None:
+            return x.view(b, t, -1)
+        out = x.new_zeros(b * t, x.shape[-1])
+        out[real] = x
+        return out.view(b, t, -1)
 
     # -- weights ---------------------------------------------------------------------------------
     def load_hf_state(self, tensors: dict[str, torch.Tensor]) -> None:
