@@ -26,10 +26,13 @@ from __future__ import annotations
 import torch
 
 from keel.errors import ModelLoadError
+from keel.kernels.cpu import kernels
 from keel.quant.layer import QuantEmbedding, QuantLinear, sample_rows
 
 # Rows above which a float32 model on CPU dequantizes and runs the dense matmul (see the module doc).
 INT4_CPU_FP32_MAX_ROWS = 64
+# Rows up to which a float32 model uses keel's own kernel (keel/kernels), on the checkpoint's layout.
+INT4_OWN_MAX_ROWS = 4
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -119,10 +122,26 @@ class Int4Linear(QuantLinear):
     def prepare(self) -> None:
         self.fast = False
         device = self.qweight.device.type
+        if device == "cpu" and self.dtype == torch.float32 and self._prepare_own():
+            return
         if device == "cpu" and self.out_features % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
             self._prepare_cpu()
         elif device == "cuda" and self.dtype == torch.bfloat16 and hasattr(torch, "_weight_int4pack_mm"):
             self._prepare_cuda()
+
+    def _prepare_own(self) -> bool:
+        """A float32 model on an AVX2 CPU: keel's kernel reads the checkpoint layout as it is, for up to
+        INT4_OWN_MAX_ROWS rows; more rows dequantize and run the dense matmul."""
+        own = kernels()
+        if own is None or self.group_size % 32 or self.in_features % self.group_size:
+            return False
+
+        def fast(x):
+            return own.int4(x.contiguous(), self.qweight, self.scales, self.zeros, self.group_size)
+        if not self.check_fast(fast):
+            return False
+        self.fast, self.kernel, self.fast_max_rows = fast, "keel int4 (float32 rows)", INT4_OWN_MAX_ROWS
+        return True
 
     def _prepare_cpu(self) -> None:
         codes = unpack_nibbles(self.qweight)

@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import torch
 
+from keel.kernels.cpu import kernels
 from keel.quant.layer import QuantEmbedding, QuantLinear
 
 # Rows above which a float32 model on CPU dequantizes and runs the dense matmul (see the module doc).
 INT8_CPU_FP32_MAX_ROWS = 128
+# Rows up to which a float32 model uses keel's own kernel (keel/kernels) instead of PyTorch's.
+INT8_OWN_MAX_ROWS = 4
 
 
 def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -60,7 +63,17 @@ class Int8Linear(QuantLinear):
 
     def prepare(self) -> None:
         self.fast = False
-        if self.qweight.device.type != "cpu" or not hasattr(torch, "_weight_int8pack_mm"):
+        if self.qweight.device.type != "cpu":
+            return
+        own = kernels() if self.dtype == torch.float32 and self.in_features % 16 == 0 else None
+        if own is not None and self.check_fast(lambda x: own.int8(x.contiguous(), self.qweight, self.scales)):
+            self._own = own
+            torch_ok = hasattr(torch, "_weight_int8pack_mm")
+            self._kernel_scales = torch.ones_like(self.scales, dtype=torch.bfloat16) if torch_ok else None
+            self.fast, self.kernel = self._fp32_rows, "keel int8 (float32 rows), cpu _weight_int8pack_mm"
+            self.fast_max_rows = INT8_CPU_FP32_MAX_ROWS if torch_ok else INT8_OWN_MAX_ROWS
+            return
+        if not hasattr(torch, "_weight_int8pack_mm"):
             return
         bf16 = self.dtype == torch.bfloat16
         # bf16 model: the scales go into the kernel; otherwise unit scales, exact float32 ones after
@@ -69,6 +82,12 @@ class Int8Linear(QuantLinear):
             self.fast, self.kernel = self._cpu_int8, "cpu _weight_int8pack_mm"
             self.fast_max_rows = 1 << 62 if bf16 else INT8_CPU_FP32_MAX_ROWS
 
+    def _fp32_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """A float32 model: keel's kernel for a few rows (activations stay float32), PyTorch's above."""
+        if x.shape[0] <= INT8_OWN_MAX_ROWS or self._kernel_scales is None:
+            return self._own.int8(x.contiguous(), self.qweight, self.scales)
+        return self._cpu_int8(x)
+
     def _cpu_int8(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.bfloat16:
             return torch._weight_int8pack_mm(x, self.qweight, self._kernel_scales)
@@ -76,7 +95,7 @@ class Int8Linear(QuantLinear):
         return torch.mul(y, self.scales).to(x.dtype)  # bf16 * fp32 scales: one op, float32 out
 
     def resident_tensors(self):
-        extra = [self._kernel_scales] if self.fast else []
+        extra = [self._kernel_scales] if self.fast and getattr(self, "_kernel_scales", None) is not None else []
         return super().resident_tensors() + extra
 
 

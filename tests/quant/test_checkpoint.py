@@ -191,12 +191,12 @@ def test_no_full_precision_projection_weight_reaches_the_model(monkeypatch, quan
     import keel.models.loader as loader
     seen, real = [], loader.load_weights
 
-    def spy(model, tensors):
+    def spy(model, tensors, *args):
         def record():
             for name, t in tensors:
                 seen.append(name)
                 yield name, t
-        return real(model, record())
+        return real(model, record(), *args)
     monkeypatch.setattr(loader, "load_weights", spy)
     llm = _llm(quantized) if source == "quantized" else _llm(wide, "int4")
     assert any(n.endswith("down_proj.qweight") for n in seen)

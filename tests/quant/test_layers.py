@@ -79,7 +79,7 @@ def test_layer_output_against_float_reference(cls, group, dtype, rows):
     x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(1)).to(dtype)
     layer.prepare()
     if torch.backends.mkldnn.is_available():  # this CPU and build have the kernels: they must be in use
-        assert layer.kernel.startswith("cpu "), layer.kernel
+        assert layer.kernel != "reference", layer.kernel
     with torch.inference_mode():
         y = layer(x)
     assert y.shape == (rows, 192) and y.dtype == dtype
@@ -88,6 +88,26 @@ def test_layer_output_against_float_reference(cls, group, dtype, rows):
     err = _elementwise_bound("int8" if cls is Int8Linear else "int4", q, group)
     bound = xf.abs() @ err.t() + 4 * BF16_ROUNDING * (xf.abs() @ w.abs().t() + b.abs()) + 1e-5
     assert ((y.float() - want).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("cls, group", CASES)
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_own_kernel_keeps_float32_activations(cls, group, rows):
+    """keel's CPU kernel (a float32 model, a few rows) computes in float32: it agrees with
+    dequantize-then-matmul to float32 rounding, far inside the bf16 bound the other kernels get."""
+    from keel.kernels.cpu import kernels
+    if kernels() is None:
+        pytest.skip("keel's CPU kernels cannot run here (no C compiler, AVX2 or FMA)")
+    layer = _layer(cls, _weight(256, 192), group, torch.float32, bias=torch.randn(256))
+    ref_w = layer.dequantize(torch.float32)
+    layer.prepare()
+    assert layer.kernel.startswith("keel ") and layer.fast_max_rows >= rows
+    x = torch.randn(rows, 192, generator=torch.Generator().manual_seed(rows))
+    with torch.inference_mode():
+        got = layer(x)
+    want = x @ ref_w.t() + layer.bias
+    assert ((got - want).abs() <= 1e-5 * (x.abs() @ ref_w.abs().t() + 1)).all()
+    assert torch.equal(layer.dequantize(torch.float32), ref_w)
 
 
 @pytest.mark.parametrize("cls, group", CASES)
@@ -124,10 +144,11 @@ def test_fused_shards_quantize_independently(cls, group):
 
 
 def test_output_rows_the_cpu_kernel_cannot_take_use_the_reference():
-    layer = _layer(Int4Linear, _weight(40, 64), 32, torch.float32)  # 40 rows: not a multiple of 16
+    # bfloat16: PyTorch's int4 kernel (keel's own serves float32 models only) wants rows in 16s
+    layer = _layer(Int4Linear, _weight(40, 64), 32, torch.bfloat16)  # 40 rows: not a multiple of 16
     layer.prepare()
     assert layer.kernel == "reference"
-    x = torch.randn(3, 64)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
     torch.testing.assert_close(layer(x), x @ layer.dequantize().t())
 
 

@@ -1,0 +1,115 @@
+"""keel's own CPU kernels (cpu_gemv.c): weight-only int8 / int4 products for a few float32 rows.
+
+Why: PyTorch's weight-only CPU operators (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) have a fast
+path only for bfloat16 activations, so a float32 model had to round its activations to bfloat16 around
+them, and they are compute-bound on AVX2 CPUs without VNNI. A decode step reads every weight once for
+one or a few rows; what matters then is reading the quantized bytes at memory speed, which a plain
+widen-and-FMA loop does. The C file is compiled with the system's C compiler at first use (under a
+second) into a cache folder and loaded with ctypes; without a compiler, AVX2 or FMA, `kernels()` is None
+and the layers keep PyTorch's operators. KEEL_NO_CPU_KERNELS=1 turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+
+import torch
+
+log = logging.getLogger("keel.kernels")
+SOURCE = os.path.join(os.path.dirname(__file__), "cpu_gemv.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _cache_dir() -> str:
+    base = os.environ.get("KEEL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "keel")
+    return os.path.join(base, "kernels")
+
+
+def _supported() -> bool:
+    if os.environ.get("KEEL_NO_CPU_KERNELS") or sys.platform != "linux":
+        return False
+    from keel.engine.device import cpu_flags
+    return {"avx2", "fma"} <= cpu_flags()
+
+
+def _compile() -> str | None:
+    with open(SOURCE, "rb") as f:
+        src = f.read()
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        log.info("no C compiler: keel's CPU kernels are off")
+        return None
+    tag = hashlib.blake2b(src + " ".join([cc, *FLAGS]).encode(), digest_size=8).hexdigest()
+    out = os.path.join(_cache_dir(), f"cpu_gemv-{tag}.so")
+    if os.path.isfile(out):
+        return out
+    os.makedirs(_cache_dir(), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
+    os.close(fd)
+    try:
+        subprocess.run([cc, *FLAGS, SOURCE, "-o", tmp], check=True, capture_output=True, timeout=120)
+        os.replace(tmp, out)  # atomic: another process compiling the same file sees one or the other
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        log.warning("keel's CPU kernels did not compile (%s): using PyTorch's operators. %s", e,
+                    detail.decode(errors="replace")[-500:])
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        return None
+    return out
+
+
+class CPUKernels:
+    def __init__(self, path: str) -> None:
+        lib = ctypes.CDLL(path)
+        p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.keel_int8_gemm.argtypes = [p, p, p, p, i64, i64, i64, c_int]
+        lib.keel_int4_gemm.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, c_int]
+        lib.keel_int8_gemm.restype = lib.keel_int4_gemm.restype = None
+        self.lib = lib
+
+    def int8(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """x float32 [M, K] contiguous, qweight int8 [N, K], scales float32 [N] -> float32 [M, N]."""
+        m, k = x.shape
+        n = qweight.shape[0]
+        y = torch.empty(m, n, dtype=torch.float32)
+        self.lib.keel_int8_gemm(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), y.data_ptr(), m, n, k,
+                                torch.get_num_threads())
+        return y
+
+    def int4(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+             group: int) -> torch.Tensor:
+        """x float32 [M, K]; packed uint8 [N, K / 2]; scales, zeros bfloat16 [N, K / group]."""
+        m, k = x.shape
+        n = packed.shape[0]
+        y = torch.empty(m, n, dtype=torch.float32)
+        xsum = torch.empty(m, k // group, dtype=torch.float32)
+        self.lib.keel_int4_gemm(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+                                xsum.data_ptr(), y.data_ptr(), m, n, k, group, torch.get_num_threads())
+        return y
+
+
+def kernels() -> CPUKernels | None:
+    """The compiled kernels, or None where they cannot run here (built once per process)."""
+    with _lock:
+        if "k" not in _state:
+            k = None
+            if _supported():
+                path = _compile()
+                if path is not None:
+                    try:
+                        k = CPUKernels(path)
+                    except OSError as e:
+                        log.warning("keel's CPU kernels did not load (%s): using PyTorch's operators", e)
+            _state["k"] = k
+        return _state["k"]
