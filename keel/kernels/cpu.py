@@ -1,10 +1,11 @@
-"""keel's own CPU kernels (cpu_gemv.c): weight-only int8 / int4 products for a few float32 rows.
+"""keel's own CPU kernels (cpu_gemv.c): int8 / int4 / bfloat16 weights times a few float32 rows.
 
 Why: PyTorch's weight-only CPU operators (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) have a fast
 path only for bfloat16 activations, so a float32 model had to round its activations to bfloat16 around
 them, and they are compute-bound on AVX2 CPUs without VNNI. A decode step reads every weight once for
 one or a few rows; what matters then is reading the quantized bytes at memory speed, which a plain
-widen-and-FMA loop does. The C file is compiled with the system's C compiler at first use (under a
+widen-and-FMA loop does. The same holds for a bfloat16 model on a CPU without bf16 instructions, where
+F.linear in bfloat16 is slower than float32 (bench/results/kernels.md). The C file is compiled with the system's C compiler at first use (under a
 second) into a cache folder and loaded with ctypes; without a compiler, AVX2 or FMA, `kernels()` is None
 and the layers keep PyTorch's operators. KEEL_NO_CPU_KERNELS=1 turns it off.
 """
@@ -75,7 +76,8 @@ class CPUKernels:
         p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.keel_int8_gemm.argtypes = [p, p, p, p, i64, i64, i64, c_int]
         lib.keel_int4_gemm.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, c_int]
-        lib.keel_int8_gemm.restype = lib.keel_int4_gemm.restype = None
+        lib.keel_bf16_gemm.argtypes = [p, p, p, i64, i64, i64, c_int]
+        lib.keel_int8_gemm.restype = lib.keel_int4_gemm.restype = lib.keel_bf16_gemm.restype = None
         self.lib = lib
 
     def int8(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -85,6 +87,14 @@ class CPUKernels:
         y = torch.empty(m, n, dtype=torch.float32)
         self.lib.keel_int8_gemm(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), y.data_ptr(), m, n, k,
                                 torch.get_num_threads())
+        return y
+
+    def bf16(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x float32 [M, K] contiguous, weight bfloat16 [N, K] contiguous -> float32 [M, N]."""
+        m, k = x.shape
+        n = weight.shape[0]
+        y = torch.empty(m, n, dtype=torch.float32)
+        self.lib.keel_bf16_gemm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads())
         return y
 
     def int4(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -1,4 +1,4 @@
-/* Weight-only int8 and int4 matrix products for a few rows of float32 activations (decode steps), on
+/* Weight-only int8, int4 and bfloat16 matrix products for a few rows of float32 activations (decode steps), on
  * x86 CPUs with AVX2 and FMA. keel/kernels/cpu.py compiles this file at first use and calls it with
  * ctypes; see there for why it exists.
  *
@@ -47,6 +47,31 @@ void keel_int8_gemm(const float *x, const int8_t *w, const float *scale, float *
                 }
             }
             for (int i = 0; i < mb; i++) y[(m0 + i) * N + n] = hsum(_mm256_add_ps(a0[i], a1[i])) * scale[n];
+        }
+    }
+}
+
+/* y[m, n] = sum_k x[m, k] * w[n, k]   (x float32 [M, K], w bfloat16 [N, K], y float32); K % 16 == 0.
+ * bfloat16 is the top half of a float32: widening is a shift. */
+void keel_bf16_gemm(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint16_t *row = w + n * K;
+        for (int64_t m0 = 0; m0 < M; m0 += MBLK) {
+            int mb = (int)(M - m0 < MBLK ? M - m0 : MBLK);
+            __m256 a0[MBLK], a1[MBLK];
+            for (int i = 0; i < MBLK; i++) a0[i] = a1[i] = _mm256_setzero_ps();
+            for (int64_t k = 0; k < K; k += 16) {
+                __m256i b = _mm256_loadu_si256((const __m256i *)(row + k));
+                __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(b)), 16));
+                __m256 w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(b, 1)), 16));
+                for (int i = 0; i < mb; i++) {
+                    const float *xm = x + (m0 + i) * K + k;
+                    a0[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), a0[i]);
+                    a1[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), a1[i]);
+                }
+            }
+            for (int i = 0; i < mb; i++) y[(m0 + i) * N + n] = hsum(_mm256_add_ps(a0[i], a1[i]));
         }
     }
 }

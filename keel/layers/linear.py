@@ -14,6 +14,9 @@ from torch import nn
 
 from keel.errors import ModelLoadError
 
+# Rows up to which a bfloat16 layer on a CPU without bf16 matmuls uses keel's kernel (see _use_own_bf16).
+OWN_BF16_MAX_ROWS = 4
+
 if TYPE_CHECKING:
     from keel.lora.layers import LinearLoRA, LoRAMetadata
 
@@ -72,11 +75,15 @@ class Linear(nn.Module):
     lora: "LinearLoRA | None" = None  # resident adapters' weights for this layer (keel.lora.manager sets it)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.own is not None and x.shape[0] <= OWN_BF16_MAX_ROWS:
+            y = self.own.bf16(x.float().contiguous(), self.weight).to(x.dtype)
+            return y if self.bias is None else y.add_(self.bias)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
     packed: torch.Tensor | None = None
+    own = None  # keel.kernels.cpu.CPUKernels, for a bfloat16 layer on a CPU without bf16 matmuls
 
     def pack_for_cpu(self) -> bool:
         """Reorder the weight into oneDNN's blocked layout and drop the dense copy.
@@ -87,7 +94,11 @@ class Linear(nn.Module):
         rows (the hint), which also serves 1-row decode and long prefills well. Falls back to
         F.linear (returns False) where this torch build or CPU lacks the kernels.
         """
-        if self.weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        if self.weight.device.type != "cpu":
+            return False
+        if self.weight.dtype == torch.bfloat16 and self._use_own_bf16():
+            return True
+        if not torch.backends.mkldnn.is_available():
             return False
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, 16)
@@ -101,6 +112,23 @@ class Linear(nn.Module):
         self.packed = packed
         self.weight_bytes_packed = self.weight.numel() * self.weight.element_size()
         self.weight.data = torch.empty(0, dtype=self.weight.dtype)
+        return True
+
+    def _use_own_bf16(self) -> bool:
+        """A bfloat16 layer on a CPU without bf16 instructions: keel's kernel for decode rows (weights read
+        as bf16, float32 arithmetic), F.linear above OWN_BF16_MAX_ROWS. Where the CPU has bf16 matmuls
+        (AMX, AVX512-BF16) oneDNN's are used instead."""
+        from keel.engine.device import BF16_CPU_FLAGS, cpu_flags
+        from keel.kernels.cpu import kernels
+        own = kernels()
+        if own is None or cpu_flags() & BF16_CPU_FLAGS or self.in_features % 16:
+            return False
+        w = self.weight.data.contiguous()
+        x = torch.randn(3, self.in_features, generator=torch.Generator().manual_seed(0))
+        want = x @ w.float().t()
+        if not torch.allclose(own.bf16(x, w), want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
+            return False
+        self.weight.data, self.own = w, own
         return True
 
     def weight_bytes(self) -> int:

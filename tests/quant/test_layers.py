@@ -174,3 +174,25 @@ def test_loader_names_a_tensor_that_does_not_fit(bad, words):
         layer.qweight.weight_loader(layer.qweight, bad())
     assert "model.layers.0.mlp.down_proj.qweight" in str(err.value) and words in str(err.value)
     assert "does not match" in str(err.value)
+
+
+def test_bf16_layer_uses_own_kernel_for_decode_rows():
+    """A bfloat16 dense layer on a CPU without bf16 matmuls: keel's kernel for a few rows, computing in
+    float32 on the bf16 weights; F.linear beyond. Both agree with the float32 product of the same weights."""
+    from keel.engine.device import BF16_CPU_FLAGS, cpu_flags
+    from keel.kernels.cpu import kernels
+    from keel.layers.linear import OWN_BF16_MAX_ROWS, Linear
+    if kernels() is None or cpu_flags() & BF16_CPU_FLAGS:
+        pytest.skip("keel's bf16 kernel is not used on this CPU")
+    layer = Linear(192, 96, bias=True, dtype=torch.bfloat16)
+    torch.nn.init.normal_(layer.weight)
+    torch.nn.init.normal_(layer.bias)
+    w, b = layer.weight.detach().float().clone(), layer.bias.detach().float().clone()
+    assert layer.pack_for_cpu() and layer.own is not None
+    for rows in (1, OWN_BF16_MAX_ROWS, OWN_BF16_MAX_ROWS + 3):
+        x = torch.randn(rows, 192, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+        with torch.inference_mode():
+            y = layer(x)
+        want = x.float() @ w.t() + b
+        assert y.dtype == torch.bfloat16
+        assert ((y.float() - want).abs() <= 2 ** -7 * want.abs() + 1e-2).all()
