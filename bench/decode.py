@@ -106,42 +106,51 @@ def machine() -> str:
     return f"{cpu} ({isa}), {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
+KEEL_CONFIGS = [("auto", None, None), ("bfloat16", "bfloat16", None), ("int8", "float32", "int8"),
+                ("int4", "float32", "int4")]  # label, dtype, quantization
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--configs", default=",".join(c[0] for c in KEEL_CONFIGS))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    wanted = args.configs.split(",")
 
     bw = copy_bandwidth()
-    llm = LLM()
-    dtype = llm.engine.dtype
-    wbytes = weight_bytes_per_token(llm.engine.model)
-    keel_tps = {b: bench_keel(llm, b, args.new_tokens) for b in batches}
-    del llm
+    keel_tps, wbytes, dtypes = {}, {}, {}
+    for label, dtype, quant in KEEL_CONFIGS:
+        if label not in wanted:
+            continue
+        llm = LLM(dtype=dtype, quantization=quant)
+        dtypes[label] = str(llm.engine.dtype).replace("torch.", "")
+        wbytes[label] = weight_bytes_per_token(llm.engine.model)
+        keel_tps[label] = {b: bench_keel(llm, b, args.new_tokens) for b in batches}
+        print(label, keel_tps[label], flush=True)
+        del llm
 
     hf_tps = {}
     for dt in (torch.float32, torch.bfloat16):
         model, tok = hf_model(dt)
         hf_tps[dt] = {b: bench_hf(model, tok, b, args.new_tokens) for b in batches}
         del model
-    rows = []
-    rows.append(f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}")
-    rows.append(f"Built-in model SmolLM2-135M-Instruct (GGUF dequantized), greedy, {args.new_tokens} new tokens, best of {REPEAT}, "
-                f"keel dtype {str(dtype).replace('torch.', '')} (auto)")
-    rows.append("")
-    rows.append("| batch | keel tok/s | transformers fp32 tok/s | transformers bf16 tok/s | keel / best transformers |")
-    rows.append("|---|---|---|---|---|")
-    for b in batches:
-        best = max(hf_tps[torch.float32][b], hf_tps[torch.bfloat16][b])
-        rows.append(f"| {b} | {keel_tps[b]:.1f} | {hf_tps[torch.float32][b]:.1f} | "
-                    f"{hf_tps[torch.bfloat16][b]:.1f} | {keel_tps[b] / best:.2f}x |")
-    frac = wbytes * keel_tps[batches[0]] / bw
-    rows.append("")
-    rows.append(f"Copy bandwidth {bw / 1e9:.1f} GB/s (read + write); keel reads {wbytes / 1e6:.0f} MB of weights "
-                f"per token at batch {batches[0]}: {wbytes * keel_tps[batches[0]] / 1e9:.1f} GB/s, "
-                f"{frac:.2f} of the copy bandwidth.")
+    best = {b: max(hf_tps[torch.float32][b], hf_tps[torch.bfloat16][b]) for b in batches}
+    rows = [f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}",
+            f"Built-in model SmolLM2-135M-Instruct (GGUF dequantized), greedy, {args.new_tokens} new tokens, best of "
+            f"{REPEAT}. Copy bandwidth {bw / 1e9:.1f} GB/s (read + write).", "",
+            "transformers: " + ", ".join(f"{str(dt).replace('torch.', '')} " + " / ".join(
+                f"b={b} {hf_tps[dt][b]:.1f} tok/s" for b in batches) for dt in hf_tps) + ".", "",
+            "| keel config | dtype | weight MB read per token | " + " | ".join(
+                f"b={b} tok/s | b={b} vs best transformers" for b in batches) + " | b=1 share of copy bandwidth |",
+            "|---|---|---|" + "---|---|" * len(batches) + "---|"]
+    for label in keel_tps:
+        t = keel_tps[label]
+        cells = " | ".join(f"{t[b]:.1f} | {t[b] / best[b]:.2f}x" for b in batches)
+        frac = wbytes[label] * t[batches[0]] / bw
+        rows.append(f"| {label} | {dtypes[label]} | {wbytes[label] / 1e6:.0f} | {cells} | {frac:.2f} |")
     text = "\n".join(rows)
     print(text)
     if args.out:

@@ -117,9 +117,20 @@ def timeit(f, repeat: int = 10) -> float:
     return best * 1e6
 
 
-def _layers(w: torch.Tensor, dtype: torch.dtype):
-    from keel.quant.int4 import Int4Linear
-    from keel.quant.int8 import Int8Linear
+def _layers(w: torch.Tensor, dtype: torch.dtype, own: bool = False):
+    """Quantized layers over w, prepared with PyTorch's CPU operators (own=False) or keel's kernels."""
+    import keel.quant.int4 as int4
+    import keel.quant.int8 as int8
+    saved = int8.kernels, int4.kernels
+    if not own:
+        int8.kernels = int4.kernels = lambda: None
+    try:
+        return _make_layers(w, dtype, int8.Int8Linear, int4.Int4Linear)
+    finally:
+        int8.kernels, int4.kernels = saved
+
+
+def _make_layers(w, dtype, Int8Linear, Int4Linear):
     out = {}
     for key, cls, g in (("int8", Int8Linear, None), ("int4 g32", Int4Linear, 32), ("int4 g64", Int4Linear, 64),
                         ("int4 g128", Int4Linear, 128)):
