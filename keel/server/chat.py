@@ -9,10 +9,11 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from keel.engine.guided import StructuredOutputError
 from keel.outputs import CompletionOutput, Logprob
 from keel.server.app import get_state, now, read_body
 from keel.server.errors import from_exception
-from keel.server.protocol import ChatCompletionRequest
+from keel.server.protocol import ChatCompletionRequest, RequestError
 from keel.server.streaming import STREAM_HEADERS, Fanin, safe_logprob, sse_stream, start, unless_disconnected
 
 router = APIRouter()
@@ -31,6 +32,7 @@ async def create_chat_completion(request: Request):
     prompt_ids = render_prompt(state.engine.tokenizer, body)
     max_tokens = state.max_tokens_for(len(prompt_ids), body.requested_max_tokens, "messages")
     params = body.sampling_params(max_tokens, body.num_logprobs)
+    check_structured(state.engine, params, "response_format")
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     fanin = await start(request, [state.generate(request_id, prompt_ids, params, arrival, adapter)])
     head = {"id": request_id, "created": now(), "model": body.model,
@@ -46,6 +48,16 @@ async def create_chat_completion(request: Request):
                 "logprobs": _logprobs(visible_logprobs(o, include_stop)) if body.logprobs else None,
                 "finish_reason": finish_reason(o)} for o in final.outputs]
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage(final)})
+
+
+def check_structured(engine, params, param: str) -> None:
+    """Compile the request's schema here (cached for the engine thread) so a bad one is a 400 naming
+    `param`, before the request is queued."""
+    if params.structured:
+        try:
+            engine.structured.guide_for(params)
+        except StructuredOutputError as e:
+            raise RequestError(f"Invalid schema in {param}: {e}", param, "invalid_json_schema") from None
 
 
 async def _last(fanin: Fanin):

@@ -128,6 +128,25 @@ class _SamplingFields(_Strict):
 
 
 # -- chat ----------------------------------------------------------------------------------------
+class JSONSchemaFormat(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None  # we always enforce the schema, strict or not
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise RequestError("json_schema is required with type 'json_schema' and not allowed otherwise",
+                               "response_format.json_schema")
+        return self
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Any = None  # a string or a list of text parts; checked below for a clearer message than a union's
@@ -172,7 +191,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -196,10 +215,6 @@ class ChatCompletionRequest(_SamplingFields):
         if self.tool_choice not in (None, "none", "auto") or self.function_call not in (None, "none", "auto"):
             field = "tool_choice" if self.function_call in (None, "none", "auto") else "function_call"
             raise RequestError(f"{field} needs tools, and tool calling {later}", field, "unsupported_parameter")
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            raise RequestError(f"response_format of type {kind!r} {later}; only {{'type': 'text'}} is",
-                               "response_format", "unsupported_parameter")
         # Ignoring these would silently return text to a client that asked for audio.
         if self.audio is not None or any(m != "text" for m in self.modalities or []):
             raise RequestError("audio output is not supported: this server generates text only",
@@ -211,6 +226,16 @@ class ChatCompletionRequest(_SamplingFields):
             raise RequestError("max_tokens and max_completion_tokens disagree; send only max_completion_tokens",
                                "max_tokens")
         return self
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        params = super().sampling_params(max_tokens, logprobs)
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            params.json_object = True
+        elif fmt is not None and fmt.type == "json_schema":
+            # no schema: any JSON value, as the name alone constrains nothing
+            params.json_schema = {} if fmt.json_schema.schema_ is None else fmt.json_schema.schema_
+        return params
 
     @property
     def requested_max_tokens(self) -> int | None:
