@@ -87,6 +87,10 @@ class GrammarBackend:
                                               n_vocab=self.vocab_size, eos_token=eos)
         return self._lltok
 
+    def compile_text(self, grammar: str) -> None:
+        """Check (and cache) a grammar without keeping a matcher."""
+        self.compile(grammar)
+
     def compile(self, grammar: str):
         """A fresh matcher for `grammar` (cached by its text); StructuredOutputError if it is invalid
         or uses something the library cannot enforce."""
