@@ -8,6 +8,7 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from keel.engine.guided import StructuredOutputError
 from keel.outputs import CompletionOutput, Logprob
@@ -52,8 +53,8 @@ async def create_chat_completion(request: Request):
     prompt_ids = render_prompt(state.engine.tokenizer, body)
     max_tokens = state.max_tokens_for(len(prompt_ids), body.requested_max_tokens, "messages")
     params = body.sampling_params(max_tokens, body.num_logprobs)
-    names = tool_params(state.engine, body, params)
-    check_structured(state.engine, params, "response_format")
+    # compiling a new schema can take a while: off the event loop, which serves every other client
+    names = await run_in_threadpool(_structured_params, state.engine, body, params)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     fanin = await start(request, [state.generate(request_id, prompt_ids, params, arrival, adapter)])
     head = {"id": request_id, "created": now(), "model": body.model,
@@ -75,6 +76,12 @@ async def create_chat_completion(request: Request):
                         "logprobs": _logprobs(visible_logprobs(o, include_stop)) if body.logprobs else None,
                         "finish_reason": tools_finish_reason(o, bool(calls))})
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage(final)})
+
+
+def _structured_params(engine, body: ChatCompletionRequest, params) -> set[str]:
+    names = tool_params(engine, body, params)
+    check_structured(engine, params, "response_format")
+    return names
 
 
 def check_structured(engine, params, param: str) -> None:

@@ -68,7 +68,7 @@ def test_bad_schemas_are_400s_and_the_server_goes_on(server):
                             "response_format.json_schema.name")]:
             r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": PROMPT, "response_format": fmt})
             assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
-    r = client.chat.completions.create(model=MODEL, messages=PROMPT, temperature=1.0, seed=2, max_tokens=128,
-                                       response_format=json_schema_format(PERSON))
-    jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+    r = client.chat.completions.create(model=MODEL, messages=PROMPT, temperature=1.0, seed=2, max_tokens=8,
+                                       response_format=json_schema_format({"enum": ["yes", "no"]}))
+    assert json.loads(r.choices[0].message.content) in ("yes", "no")
     server.wait_idle()

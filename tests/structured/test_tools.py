@@ -30,18 +30,18 @@ def check_calls(calls, names=("get_weather", "get_time")):
 
 def test_required_and_named_calls_validate(server):
     client = server.client()
-    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", n=4,
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", n=3,
                                        parallel_tool_calls=False, temperature=1.0, seed=11, max_tokens=96)
     for c in r.choices:
         assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1 and not c.message.content
         check_calls(c.message.tool_calls)
     # parallel calls: this small model tends to repeat calls until max_tokens; every finished one validates
-    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", n=2,
-                                       temperature=1.0, seed=11, max_tokens=64)
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
+                                       temperature=1.0, seed=11, max_tokens=48)
     for c in r.choices:
         check_calls(c.message.tool_calls)
         assert c.finish_reason == ("length" if c.message.content else "tool_calls")
-    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, n=3, temperature=1.0, seed=3,
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, n=2, temperature=1.0, seed=3,
                                        max_tokens=96, tool_choice={"type": "function", "function": {"name": "get_time"}})
     for c in r.choices:
         assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1
