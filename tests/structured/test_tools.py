@@ -99,3 +99,31 @@ def test_streamed_parse_matches_whole_parse(text):
         assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
                [(c["name"], json.loads(c["arguments"])) for c in got_calls.values()]
         assert (got_text.strip() or None) == content
+
+
+# A template in the style of Qwen2.5's: tools listed in the system turn, calls as <tool_call> blocks.
+NATIVE_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools:{% for t in tools %}\n{{ t | tojson }}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content %}{{ m.content }}{% endif %}"
+    "{% for c in m.tool_calls or [] %}<tool_call>\n{\"name\": \"{{ c.function.name }}\", \"arguments\": "
+    "{{ c.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_native_template_gets_tools_and_call_objects(llm):
+    import copy
+
+    from keel.server.chat import render_prompt
+    from keel.server.protocol import ChatCompletionRequest
+    tok = copy.copy(llm.tokenizer)
+    tok.chat_template, tok._compiled = NATIVE_TEMPLATE, None
+    body = ChatCompletionRequest.model_validate({"model": MODEL, "tools": TOOLS, "messages": ASK + [
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "21"}]})
+    text = tok.decode(render_prompt(tok, body), skip_special_tokens=False)
+    assert '"name": "get_time"' in text and "You can call functions" not in text  # the template's own listing
+    # arguments reach the template as an object, not as a JSON string inside a string
+    assert '"arguments": {"city": "Paris", "unit": "celsius"}}' in text and "<|im_start|>tool\n21" in text
+    body = ChatCompletionRequest.model_validate({"model": MODEL, "tools": TOOLS, "messages": ASK, "tool_choice": "none"})
+    assert "get_time" not in tok.decode(render_prompt(tok, body), skip_special_tokens=False)
