@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import jsonschema
@@ -29,21 +30,24 @@ def check_calls(calls, names=("get_weather", "get_time")):
 
 
 def test_required_and_named_calls_validate(server):
-    client = server.client()
-    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", n=3,
-                                       parallel_tool_calls=False, temperature=1.0, seed=11, max_tokens=96)
-    for c in r.choices:
+    async def ask_all():  # concurrently, so the three run as one batch
+        client = server.async_client()
+        common = dict(model=MODEL, messages=ASK, tools=TOOLS, temperature=1.0)
+        return await asyncio.gather(
+            client.chat.completions.create(**common, tool_choice="required", parallel_tool_calls=False, n=3,
+                                           seed=11, max_tokens=96),
+            # parallel calls: this small model tends to repeat calls until max_tokens
+            client.chat.completions.create(**common, tool_choice="required", seed=11, max_tokens=48),
+            client.chat.completions.create(**common, n=2, seed=3, max_tokens=96,
+                                           tool_choice={"type": "function", "function": {"name": "get_time"}}))
+    single, parallel, named = asyncio.run(ask_all())
+    for c in single.choices:
         assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1 and not c.message.content
         check_calls(c.message.tool_calls)
-    # parallel calls: this small model tends to repeat calls until max_tokens; every finished one validates
-    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
-                                       temperature=1.0, seed=11, max_tokens=48)
-    for c in r.choices:
+    for c in parallel.choices:  # every finished call validates; one cut off by max_tokens stays content
         check_calls(c.message.tool_calls)
         assert c.finish_reason == ("length" if c.message.content else "tool_calls")
-    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, n=2, temperature=1.0, seed=3,
-                                       max_tokens=96, tool_choice={"type": "function", "function": {"name": "get_time"}})
-    for c in r.choices:
+    for c in named.choices:
         assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1
         check_calls(c.message.tool_calls, ("get_time",))
     server.wait_idle()
