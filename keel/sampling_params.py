@@ -46,6 +46,12 @@ class SamplingParams:
     """Return the sampled token's log-probability and this many most likely alternatives."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the text."""
+    json_schema: dict | bool | str | None = None
+    """Constrain the output to JSON that validates against this JSON Schema (a dict or its JSON text)."""
+    json_object: bool = False
+    """Constrain the output to one JSON object (any keys and values)."""
+    grammar: str | None = None
+    """Constrain the output to this Lark grammar (llguidance's dialect; `%json {...}` embeds a schema)."""
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -89,9 +95,16 @@ class SamplingParams:
             raise self._bad("min_tokens", self.min_tokens, "must be >= 0 and <= max_tokens")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise self._bad("logprobs", self.logprobs, "must be in [0, 20]")
+        if sum((self.json_schema is not None, bool(self.json_object), self.grammar is not None)) > 1:
+            raise self._bad("json_schema", self.json_schema, "give only one of json_schema, json_object and grammar")
         if any(not isinstance(s, str) or not s for s in self.stop_list):
             raise self._bad("stop", self.stop, "stop strings must be non-empty strings")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def structured(self) -> bool:
+        """The output is constrained by a schema or grammar."""
+        return self.json_schema is not None or bool(self.json_object) or self.grammar is not None

@@ -13,6 +13,7 @@ from keel.config import CacheConfig, LoRAConfig, SchedulerConfig
 from keel.engine.block_pool import BlockPool
 from keel.engine.detokenizer import IncrementalDetokenizer
 from keel.engine.device import parse_dtype, pick_device
+from keel.engine.guided import GrammarBackend
 from keel.engine.model_runner import ModelRunner
 from keel.engine.request import Request
 from keel.engine.scheduler import Scheduler
@@ -92,6 +93,7 @@ class LLMEngine:
         self.pool = BlockPool(num_blocks, cache.enable_prefix_caching)
         self.scheduler = Scheduler(sched_cfg, self.pool, cache.block_size, adapters=self.lora)
         self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.dtype, self.device, lora=self.lora)
+        self.structured = GrammarBackend(self.tokenizer, cfg.vocab_size)
         self.groups: dict[str, _Group] = {}
         self._child_to_group: dict[str, tuple[_Group, int]] = {}
         self._ids = itertools.count()
@@ -126,6 +128,7 @@ class LLMEngine:
         if not ids:
             raise InvalidRequestError("the prompt is empty: give at least one token")
         self._check_token_ids(params)
+        guide = self.structured.guide_for(params) if params.structured else None  # a bad schema raises here
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"the prompt has {len(ids)} tokens, but this model's context is {self.max_model_len} tokens "
@@ -140,7 +143,8 @@ class LLMEngine:
                 p = copy.copy(params)
                 p.seed = params.seed + i  # each choice its own stream, still reproducible
             child = Request(f"{request_id}#{i}", ids, p, eos, max_tokens, adapter_id,
-                            wait_for=f"{request_id}#0" if i else None)
+                            wait_for=f"{request_id}#0" if i else None,
+                            guide=(guide if i == 0 else self.structured.guide_for(p)) if guide else None)
             children.append(child)
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=p.skip_special_tokens,
                                                  stop=p.stop_list, include_stop_str_in_output=p.include_stop_str_in_output))
@@ -196,6 +200,8 @@ class LLMEngine:
             group, i = self._child_to_group[req.request_id]
             touched[group.request_id] = group
             tok = req.output_token_ids[-1]
+            if req.guide is not None and not req.finished:
+                self._advance_guide(req, tok)
             # A stop or end-of-sequence token ends the text without appearing in it (as in vLLM)
             hidden = req.finished and req.stop_reason == tok and not req.params.include_stop_str_in_output
             stop = None if hidden else group.detoks[i].update([tok])
@@ -216,6 +222,15 @@ class LLMEngine:
         for group in touched.values():
             results.append(self._emit(group))
         return results
+
+    def _advance_guide(self, req: Request, tok: int) -> None:
+        """Move the request's grammar past `tok`; end the request once the grammar is complete, so a
+        structured output never waits one more step for an end-of-sequence token."""
+        if not req.guide.accept(tok):  # the mask allowed it, so this is a library or engine bug
+            log.error("request %s: grammar rejected token %d: %s", req.request_id, tok, req.guide.error)
+            self.scheduler.finish_request(req.request_id, "abort")
+        elif req.guide.done:
+            self.scheduler.finish_request(req.request_id, "stop")
 
     def _logprob(self, tok: int, lp) -> Logprob:
         dec = self.tokenizer.decode

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from keel.sampling_params import SamplingParams
 
@@ -27,6 +28,8 @@ class Request:
     """Which adapter computes this request's KV (None: the base model); part of the prefix-cache key."""
     wait_for: str | None = None
     """A sibling (same prompt, n > 1) whose prompt must be computed first so its blocks are reused."""
+    guide: Any = None
+    """keel.engine.guided.Guide constraining this sequence's tokens (structured output), or None."""
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     """Tokens whose keys and values are in the KV cache."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from keel.engine.guided import apply_guides
 from keel.engine.outputs import TokenLogprobs
 from keel.engine.request import Request
 
@@ -38,6 +39,9 @@ class Sampler:
         logits = logits.clone()
         for i, r in enumerate(reqs):
             self._adjust_row(logits[i], r)
+        guided = [i for i, r in enumerate(reqs) if r.guide is not None]
+        if guided:  # after penalties and biases, so nothing can bring back a token the grammar forbids
+            apply_guides(logits, guided, [reqs[i].guide for i in guided])
 
         temps = torch.tensor([r.params.temperature for r in reqs], device=logits.device)
         greedy = temps == 0

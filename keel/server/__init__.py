@@ -7,11 +7,13 @@ What the API accepts, besides the fields it honours:
 
 - Ignored (hosted-service features; they do not change the generated tokens): store, metadata,
   service_tier, user, safety_identifier, prompt_cache_key, prompt_cache_retention,
-  prompt_cache_options, and on chat also parallel_tool_calls, prediction, reasoning_effort,
+  prompt_cache_options, and on chat also prediction, reasoning_effort,
   web_search_options, verbosity, moderation; stream_options.include_obfuscation.
-- 400, not supported yet: tools, functions, tool_choice other than "none"/"auto",
-  response_format other than {"type": "text"}, audio output (audio, modalities other than
-  ["text"]); on completions suffix, best_of != n, echo together with logprobs.
+- Structured output: response_format text, json_object and json_schema (always enforced, strict
+  or not; a schema the grammar library cannot enforce is a 400); tools with tool_choice none, auto,
+  required or a named function, and parallel_tool_calls (see keel/server/tools.py).
+- 400, not supported yet: functions and function_call (deprecated), audio output (audio,
+  modalities other than ["text"]); on completions suffix, best_of != n, echo together with logprobs.
 - vLLM extensions: top_k, min_p, repetition_penalty, ignore_eos, min_tokens, stop_token_ids,
   include_stop_str_in_output, skip_special_tokens.
 - Anything else unknown is a 400 naming the field.

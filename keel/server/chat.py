@@ -8,18 +8,40 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
+from keel.engine.guided import StructuredOutputError
 from keel.outputs import CompletionOutput, Logprob
 from keel.server.app import get_state, now, read_body
 from keel.server.errors import from_exception
-from keel.server.protocol import ChatCompletionRequest
+from keel.server.protocol import ChatCompletionRequest, RequestError
 from keel.server.streaming import STREAM_HEADERS, Fanin, safe_logprob, sse_stream, start, unless_disconnected
+from keel.server.tools import ToolCallStream, call_grammar, parse_tool_calls, prepare_messages, supports_tools
 
 router = APIRouter()
 
 
 def render_prompt(tokenizer, body: ChatCompletionRequest) -> list[int]:
-    return tokenizer.encode_chat([m.for_template() for m in body.messages], add_generation_prompt=True)
+    tools = body.tool_dicts if body.tool_mode != "none" else None
+    messages, tools = prepare_messages([m.for_template() for m in body.messages], tools, supports_tools(tokenizer))
+    return tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools)
+
+
+def tool_params(engine, body: ChatCompletionRequest, params) -> set[str]:
+    """Check every tool's parameters schema (a bad one is a 400 whatever tool_choice says) and, when a
+    call is forced, constrain params to it. Returns the names of the functions the output may call."""
+    if not body.tools:
+        return set()
+    tools = body.tool_dicts
+    try:
+        engine.structured.compile_text(call_grammar(tools, None, False))
+    except StructuredOutputError as e:
+        raise RequestError(f"Invalid parameters schema in tools: {e}", "tools", "invalid_function_parameters") from None
+    mode = body.tool_mode
+    if mode in ("required", "named"):
+        name = body.tool_choice.function.name if mode == "named" else None
+        params.grammar = call_grammar(tools, name, body.parallel_tool_calls is not False)
+    return set() if mode == "none" else {t["function"]["name"] for t in tools}
 
 
 @router.post("/chat/completions")
@@ -31,21 +53,45 @@ async def create_chat_completion(request: Request):
     prompt_ids = render_prompt(state.engine.tokenizer, body)
     max_tokens = state.max_tokens_for(len(prompt_ids), body.requested_max_tokens, "messages")
     params = body.sampling_params(max_tokens, body.num_logprobs)
+    # compiling a new schema can take a while: off the event loop, which serves every other client
+    names = await run_in_threadpool(_structured_params, state.engine, body, params)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     fanin = await start(request, [state.generate(request_id, prompt_ids, params, arrival, adapter)])
     head = {"id": request_id, "created": now(), "model": body.model,
             "system_fingerprint": state.fingerprint_for(adapter)}
     if body.stream:
         chunks = _chunks(fanin, head, params.n, body.include_usage, bool(body.logprobs),
-                         params.include_stop_str_in_output)
+                         params.include_stop_str_in_output, names)
         return StreamingResponse(sse_stream(chunks, lambda e: from_exception(e).body()),
                                  media_type="text/event-stream", headers=STREAM_HEADERS)
     final = await unless_disconnected(request, _last(fanin))
     include_stop = params.include_stop_str_in_output
-    choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text, "refusal": None},
-                "logprobs": _logprobs(visible_logprobs(o, include_stop)) if body.logprobs else None,
-                "finish_reason": finish_reason(o)} for o in final.outputs]
+    choices = []
+    for o in final.outputs:
+        message = {"role": "assistant", "content": o.text, "refusal": None}
+        content, calls = parse_tool_calls(o.text, names) if names else (o.text, [])
+        if calls:
+            message.update(content=content, tool_calls=calls)
+        choices.append({"index": o.index, "message": message,
+                        "logprobs": _logprobs(visible_logprobs(o, include_stop)) if body.logprobs else None,
+                        "finish_reason": tools_finish_reason(o, bool(calls))})
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage(final)})
+
+
+def _structured_params(engine, body: ChatCompletionRequest, params) -> set[str]:
+    names = tool_params(engine, body, params)
+    check_structured(engine, params, "response_format")
+    return names
+
+
+def check_structured(engine, params, param: str) -> None:
+    """Compile the request's schema here (cached for the engine thread) so a bad one is a 400 naming
+    `param`, before the request is queued."""
+    if params.structured:
+        try:
+            engine.structured.guide_for(params)
+        except StructuredOutputError as e:
+            raise RequestError(f"Invalid schema in {param}: {e}", param, "invalid_json_schema") from None
 
 
 async def _last(fanin: Fanin):
@@ -59,7 +105,7 @@ async def _last(fanin: Fanin):
 
 
 async def _chunks(fanin: Fanin, head: dict, n: int, include_usage: bool, want_logprobs: bool,
-                  include_stop: bool) -> AsyncIterator[dict]:
+                  include_stop: bool, tool_names: set[str]) -> AsyncIterator[dict]:
     head = {**head, "object": "chat.completion.chunk"}
     if include_usage:
         head["usage"] = None
@@ -72,6 +118,7 @@ async def _chunks(fanin: Fanin, head: dict, n: int, include_usage: bool, want_lo
             yield chunk(i, {"role": "assistant", "content": ""})
         sent = [0] * n  # logprobs already sent, per choice
         done = [False] * n
+        tools = [ToolCallStream(tool_names) for _ in range(n)] if tool_names else None
         last = None
         async for _, out in fanin:
             last = out
@@ -84,6 +131,13 @@ async def _chunks(fanin: Fanin, head: dict, n: int, include_usage: bool, want_lo
                     new = visible_logprobs(o, include_stop)[sent[i]:]
                     sent[i] += len(new)
                     lps = _logprobs(new) if new else None
+                if tools is not None:
+                    for d in _tool_deltas(tools[i], o):
+                        yield chunk(i, d)
+                    if o.finished:
+                        yield chunk(i, {}, None, tools_finish_reason(o, bool(tools[i].num_calls)))
+                        done[i] = True
+                    continue
                 if not (o.delta_text or o.finished or lps):
                     continue  # tokens held back by the detokenizer (a partial character or stop string)
                 delta = {"content": o.delta_text} if o.delta_text or lps else {}
@@ -93,6 +147,16 @@ async def _chunks(fanin: Fanin, head: dict, n: int, include_usage: bool, want_lo
             yield {**head, "choices": [], "usage": usage(last)}
     finally:
         await fanin.aclose()
+
+
+def _tool_deltas(stream: ToolCallStream, o: CompletionOutput) -> list[dict]:
+    deltas = stream.feed(o.delta_text) if o.delta_text else []
+    return deltas + stream.finish() if o.finished else deltas
+
+
+def tools_finish_reason(o: CompletionOutput, called: bool) -> str:
+    # a call cut off by max_tokens stays in the content, and the client must learn that it was cut
+    return "tool_calls" if called and o.finish_reason != "length" else finish_reason(o)
 
 
 def finish_reason(o: CompletionOutput) -> str:

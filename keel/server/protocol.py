@@ -18,7 +18,7 @@ from keel.sampling_params import SamplingParams
 # Accepted and ignored: they steer storage, billing, routing or hosted tools that a self-hosted
 # server does not have, and ignoring them does not change the tokens a request gets back.
 HOSTED_ONLY_FIELDS = (
-    "store", "metadata", "service_tier", "parallel_tool_calls", "prediction", "reasoning_effort",
+    "store", "metadata", "service_tier", "prediction", "reasoning_effort",
     "web_search_options", "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
     "safety_identifier", "verbosity", "moderation", "user",
 )
@@ -128,6 +128,46 @@ class _SamplingFields(_Strict):
 
 
 # -- chat ----------------------------------------------------------------------------------------
+class JSONSchemaFormat(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None  # we always enforce the schema, strict or not
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise RequestError("json_schema is required with type 'json_schema' and not allowed otherwise",
+                               "response_format.json_schema")
+        return self
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # arguments are enforced under tool_choice required/named, strict or not
+
+
+class ChatTool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class _FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: _FunctionName
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Any = None  # a string or a list of text parts; checked below for a clearer message than a union's
@@ -172,15 +212,15 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    response_format: ResponseFormat | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: Any = None
     modalities: list[str] | None = None
     audio: Any = None
     # hosted-only, ignored
-    parallel_tool_calls: Any = None
     prediction: Any = None
     reasoning_effort: Any = None
     web_search_options: Any = None
@@ -190,16 +230,10 @@ class ChatCompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _unsupported(self):
         later = "is not supported yet by this server"
-        if self.tools or self.functions:
-            raise RequestError(f"tool calling ({'tools' if self.tools else 'functions'}) {later}",
-                               "tools" if self.tools else "functions", "unsupported_parameter")
-        if self.tool_choice not in (None, "none", "auto") or self.function_call not in (None, "none", "auto"):
-            field = "tool_choice" if self.function_call in (None, "none", "auto") else "function_call"
-            raise RequestError(f"{field} needs tools, and tool calling {later}", field, "unsupported_parameter")
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            raise RequestError(f"response_format of type {kind!r} {later}; only {{'type': 'text'}} is",
-                               "response_format", "unsupported_parameter")
+        if self.functions or self.function_call is not None:
+            raise RequestError(f"the deprecated functions and function_call {later}; use tools and tool_choice",
+                               "functions" if self.functions else "function_call", "unsupported_parameter")
+        self._check_tools()
         # Ignoring these would silently return text to a client that asked for audio.
         if self.audio is not None or any(m != "text" for m in self.modalities or []):
             raise RequestError("audio output is not supported: this server generates text only",
@@ -211,6 +245,43 @@ class ChatCompletionRequest(_SamplingFields):
             raise RequestError("max_tokens and max_completion_tokens disagree; send only max_completion_tokens",
                                "max_tokens")
         return self
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        params = super().sampling_params(max_tokens, logprobs)
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            params.json_object = True
+        elif fmt is not None and fmt.type == "json_schema":
+            # no schema: any JSON value, as the name alone constrains nothing
+            params.json_schema = {} if fmt.json_schema.schema_ is None else fmt.json_schema.schema_
+        return params
+
+    def _check_tools(self) -> None:
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise RequestError("tools must have distinct function names", "tools")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise RequestError("tool_choice needs tools", "tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise RequestError(f"tool_choice names function {self.tool_choice.function.name!r}, which is not in tools",
+                               "tool_choice")
+        if self.tool_mode in ("required", "named") and self.response_format is not None \
+                and self.response_format.type != "text":
+            raise RequestError("response_format cannot be combined with a tool_choice that forces a call",
+                               "response_format")
+
+    @property
+    def tool_mode(self) -> str:
+        """"none" (no tools or tool_choice none), "auto", "required" or "named"."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
+    @property
+    def tool_dicts(self) -> list[dict]:
+        return [t.model_dump(exclude_none=True) for t in self.tools or []]
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -1,0 +1,133 @@
+"""Tool calling on the built-in model (its template has no tool support: the fallback format)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import jsonschema
+import pytest
+
+from keel.models.loader import DEFAULT_MODEL_NAME as MODEL
+from keel.server.tools import ToolCallStream, parse_tool_calls, prepare_messages
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
+                                            "unit": {"enum": ["celsius", "fahrenheit"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+TIME = {"type": "object", "properties": {"timezone": {"type": "string", "maxLength": 16}},
+        "required": ["timezone"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "description": "Time in a timezone", "parameters": TIME}}]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def check_calls(calls, names=("get_weather", "get_time")):
+    assert calls
+    for c in calls:
+        assert c.type == "function" and c.id.startswith("call_") and c.function.name in names
+        schema = WEATHER if c.function.name == "get_weather" else TIME
+        jsonschema.validate(json.loads(c.function.arguments), schema)
+
+
+def test_required_and_named_calls_validate(server):
+    async def ask_all():  # concurrently, so the three run as one batch
+        client = server.async_client()
+        common = dict(model=MODEL, messages=ASK, tools=TOOLS, temperature=1.0)
+        return await asyncio.gather(
+            client.chat.completions.create(**common, tool_choice="required", parallel_tool_calls=False, n=3,
+                                           seed=11, max_tokens=96),
+            # parallel calls: this small model tends to repeat calls until max_tokens
+            client.chat.completions.create(**common, tool_choice="required", seed=11, max_tokens=48),
+            client.chat.completions.create(**common, n=2, seed=3, max_tokens=96,
+                                           tool_choice={"type": "function", "function": {"name": "get_time"}}))
+    single, parallel, named = asyncio.run(ask_all())
+    for c in single.choices:
+        assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1 and not c.message.content
+        check_calls(c.message.tool_calls)
+    for c in parallel.choices:  # every finished call validates; one cut off by max_tokens stays content
+        check_calls(c.message.tool_calls)
+        assert c.finish_reason == ("length" if c.message.content else "tool_calls")
+    for c in named.choices:
+        assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1
+        check_calls(c.message.tool_calls, ("get_time",))
+    server.wait_idle()
+
+
+def test_streamed_call_deltas(server):
+    stream = server.client().chat.completions.create(
+        model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+        temperature=1.0, seed=5, max_tokens=96, stream=True)
+    deltas = [c.choices[0] for c in stream if c.choices]
+    calls = [d.delta.tool_calls[0] for d in deltas if d.delta.tool_calls]
+    first, rest = calls[0], calls[1:]
+    assert first.index == 0 and first.id and first.type == "function" and first.function.name == "get_weather"
+    assert rest and all(c.id is None and c.function.name is None for c in rest)
+    jsonschema.validate(json.loads("".join(c.function.arguments for c in calls)), WEATHER)
+    assert deltas[-1].finish_reason == "tool_calls"
+    server.wait_idle()
+
+
+def test_tool_results_render_into_the_prompt(server):
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'}]
+    r = server.client().chat.completions.create(model=MODEL, messages=history, tools=TOOLS, tool_choice="none",
+                                                temperature=0, max_tokens=24)
+    assert r.choices[0].message.content and r.choices[0].message.tool_calls is None
+    messages, tools = prepare_messages(history, TOOLS, native=False)
+    assert tools is None and "get_time" in messages[0]["content"]
+    assert '"city": "Paris"' in messages[2]["content"] and "21" in messages[3]["content"]
+    server.wait_idle()
+
+
+@pytest.mark.parametrize("text", [
+    'Sure.\n<tool_call>\n{"name": "get_time", "arguments": {"timezone": "UTC"}}\n</tool_call>',
+    '<tool_call>\n{"arguments": {"timezone": "UTC"}, "name": "get_time"}\n</tool_call>\n'
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}\n</tool_call>',
+    '<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>',
+    "no calls < here <tool",
+])
+def test_streamed_parse_matches_whole_parse(text):
+    names = {"get_time", "get_weather"}
+    content, calls = parse_tool_calls(text, names)
+    for size in (1, 3, 7):
+        stream = ToolCallStream(names)
+        deltas = [d for k in range(0, len(text), size) for d in stream.feed(text[k:k + size])] + stream.finish()
+        got_text = "".join(d.get("content", "") for d in deltas)
+        got_calls: dict[int, dict] = {}
+        for d in deltas:
+            for c in d.get("tool_calls", []):
+                call = got_calls.setdefault(c["index"], {"name": c["function"].get("name"), "arguments": ""})
+                call["arguments"] += c["function"]["arguments"]
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+               [(c["name"], json.loads(c["arguments"])) for c in got_calls.values()]
+        assert (got_text.strip() or None) == content
+
+
+# A template in the style of Qwen2.5's: tools listed in the system turn, calls as <tool_call> blocks.
+NATIVE_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools:{% for t in tools %}\n{{ t | tojson }}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content %}{{ m.content }}{% endif %}"
+    "{% for c in m.tool_calls or [] %}<tool_call>\n{\"name\": \"{{ c.function.name }}\", \"arguments\": "
+    "{{ c.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_native_template_gets_tools_and_call_objects(llm):
+    import copy
+
+    from keel.server.chat import render_prompt
+    from keel.server.protocol import ChatCompletionRequest
+    tok = copy.copy(llm.tokenizer)
+    tok.chat_template, tok._compiled = NATIVE_TEMPLATE, None
+    body = ChatCompletionRequest.model_validate({"model": MODEL, "tools": TOOLS, "messages": ASK + [
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "21"}]})
+    text = tok.decode(render_prompt(tok, body), skip_special_tokens=False)
+    assert '"name": "get_time"' in text and "You can call functions" not in text  # the template's own listing
+    # arguments reach the template as an object, not as a JSON string inside a string
+    assert '"arguments": {"city": "Paris", "unit": "celsius"}}' in text and "<|im_start|>tool\n21" in text
+    body = ChatCompletionRequest.model_validate({"model": MODEL, "tools": TOOLS, "messages": ASK, "tool_choice": "none"})
+    assert "get_time" not in tok.decode(render_prompt(tok, body), skip_special_tokens=False)
