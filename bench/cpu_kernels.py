@@ -22,7 +22,7 @@ from bench.quant import _layers
 from keel.kernels.cpu import kernels
 
 N, K = 3072, 576
-ROWS = (1, 2, 4, 8, 16)
+ROWS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def per_layer_us(fn, inputs, passes: int = 5) -> float:

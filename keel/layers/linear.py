@@ -15,7 +15,10 @@ from torch import nn
 from keel.errors import ModelLoadError
 
 # Rows up to which a bfloat16 layer on a CPU without bf16 matmuls uses keel's kernel (see _use_own_bf16).
-OWN_BF16_MAX_ROWS = 4
+# Cold weights, 3072x576, microseconds (bench/results/cpu_kernels.md): keel 187 / 260 / 1012 / 3783 at
+# 1 / 4 / 16 / 64 rows against bf16 F.linear's 245 / 882 / 3501 / 12698. More rows widen the weight to
+# float32 and run the float32 matmul (64 rows in float32: 1780).
+OWN_BF16_MAX_ROWS = 64
 
 if TYPE_CHECKING:
     from keel.lora.layers import LinearLoRA, LoRAMetadata
@@ -75,9 +78,11 @@ class Linear(nn.Module):
     lora: "LinearLoRA | None" = None  # resident adapters' weights for this layer (keel.lora.manager sets it)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.own is not None and x.shape[0] <= OWN_BF16_MAX_ROWS:
-            y = self.own.bf16(x.float().contiguous(), self.weight).to(x.dtype)
-            return y if self.bias is None else y.add_(self.bias)
+        if self.own is not None:
+            if x.shape[0] <= OWN_BF16_MAX_ROWS:
+                y = self.own.bf16(x.float().contiguous(), self.weight).to(x.dtype)
+                return y if self.bias is None else y.add_(self.bias)
+            return F.linear(x.float(), self.weight.float()).to(x.dtype) + (0 if self.bias is None else self.bias)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
@@ -115,9 +120,9 @@ class Linear(nn.Module):
         return True
 
     def _use_own_bf16(self) -> bool:
-        """A bfloat16 layer on a CPU without bf16 instructions: keel's kernel for decode rows (weights read
-        as bf16, float32 arithmetic), F.linear above OWN_BF16_MAX_ROWS. Where the CPU has bf16 matmuls
-        (AMX, AVX512-BF16) oneDNN's are used instead."""
+        """A bfloat16 layer on a CPU without bf16 instructions: keel's kernel up to OWN_BF16_MAX_ROWS rows
+        (weights read as bf16, float32 arithmetic), the weight widened to float32 for a float32 matmul
+        above. Where the CPU has bf16 matmuls (AMX, AVX512-BF16) oneDNN's are used instead."""
         from keel.engine.device import BF16_CPU_FLAGS, cpu_flags
         from keel.kernels.cpu import kernels
         own = kernels()

@@ -31,8 +31,12 @@ from keel.quant.layer import QuantEmbedding, QuantLinear, sample_rows
 
 # Rows above which a float32 model on CPU dequantizes and runs the dense matmul (see the module doc).
 INT4_CPU_FP32_MAX_ROWS = 64
-# Rows up to which a float32 model uses keel's own kernel (keel/kernels), on the checkpoint's layout.
-INT4_OWN_MAX_ROWS = 4
+# Rows up to which keel's own kernel (keel/kernels) serves a float32 model where PyTorch's int4 CPU
+# operator cannot (missing from the build, or output rows not a multiple of 16). Where both run,
+# PyTorch's is used: cold weights, 3072x576, it takes 195 / 349 / 847 us at 1 / 4 / 16 rows against
+# keel's 234 / 431 / 1388 (bench/results/cpu_kernels.md); keel's keeps float32 activations but unpacks
+# nibbles in more instructions.
+INT4_OWN_MAX_ROWS = 16
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -122,16 +126,16 @@ class Int4Linear(QuantLinear):
     def prepare(self) -> None:
         self.fast = False
         device = self.qweight.device.type
-        if device == "cpu" and self.dtype == torch.float32 and self._prepare_own():
-            return
         if device == "cpu" and self.out_features % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
             self._prepare_cpu()
+        if device == "cpu" and self.fast is False and self.dtype == torch.float32:
+            self._prepare_own()
         elif device == "cuda" and self.dtype == torch.bfloat16 and hasattr(torch, "_weight_int4pack_mm"):
             self._prepare_cuda()
 
     def _prepare_own(self) -> bool:
-        """A float32 model on an AVX2 CPU: keel's kernel reads the checkpoint layout as it is, for up to
-        INT4_OWN_MAX_ROWS rows; more rows dequantize and run the dense matmul."""
+        """A float32 model where PyTorch's kernel cannot serve: keel's reads the checkpoint layout as it
+        is, for up to INT4_OWN_MAX_ROWS rows; more rows dequantize and run the dense matmul."""
         own = kernels()
         if own is None or self.group_size % 32 or self.in_features % self.group_size:
             return False

@@ -26,8 +26,10 @@ from keel.quant.layer import QuantEmbedding, QuantLinear
 
 # Rows above which a float32 model on CPU dequantizes and runs the dense matmul (see the module doc).
 INT8_CPU_FP32_MAX_ROWS = 128
-# Rows up to which a float32 model uses keel's own kernel (keel/kernels) instead of PyTorch's.
-INT8_OWN_MAX_ROWS = 4
+# Rows up to which a float32 model uses keel's own kernel (keel/kernels) instead of PyTorch's. Cold
+# weights, 3072x576, microseconds (bench/results/cpu_kernels.md): keel 153 / 248 / 778 / 1499 / 3807 at
+# 1 / 4 / 16 / 32 / 64 rows against PyTorch's 252 / 374 / 1173 / 2069 / 4195 (activations cast to bf16).
+INT8_OWN_MAX_ROWS = 64
 
 
 def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
