@@ -52,6 +52,9 @@ class SamplingParams:
     """Constrain the output to one JSON object (any keys and values)."""
     grammar: str | None = None
     """Constrain the output to this Lark grammar (llguidance's dialect; `%json {...}` embeds a schema)."""
+    grammar_trigger: str | None = None
+    """With `grammar`: generate freely until the output contains this text, then constrain what follows
+    it to the grammar (tool_choice "auto": a call the model starts is completed validly)."""
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -97,6 +100,9 @@ class SamplingParams:
             raise self._bad("logprobs", self.logprobs, "must be in [0, 20]")
         if sum((self.json_schema is not None, bool(self.json_object), self.grammar is not None)) > 1:
             raise self._bad("json_schema", self.json_schema, "give only one of json_schema, json_object and grammar")
+        if self.grammar_trigger is not None and (self.grammar is None or not isinstance(self.grammar_trigger, str)
+                                                 or not self.grammar_trigger):
+            raise self._bad("grammar_trigger", self.grammar_trigger, "needs `grammar`, and must be a non-empty string")
         if any(not isinstance(s, str) or not s for s in self.stop_list):
             raise self._bad("stop", self.stop, "stop strings must be non-empty strings")
 

@@ -117,6 +117,13 @@ class GrammarBackend:
         grammar = grammar_for(params.json_schema, params.json_object, params.grammar)
         return None if grammar is None else Guide(self.compile(grammar))
 
+    def guide_after(self, params, text: str) -> Guide | None:
+        """For params with grammar_trigger, once the output shows it: the Guide with `text` (what the
+        output already holds past the trigger) consumed; None when that text already breaks the grammar."""
+        guide = self.guide_for(params)
+        ids = self.tokenizer.encode(text, add_special_tokens=False) if text else []
+        return guide if all(guide.accept(t) for t in ids) else None
+
 
 class _TokenTexts:
     """The interface llguidance.TokenizerWrapper reads, from our Tokenizer."""

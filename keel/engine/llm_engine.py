@@ -129,6 +129,9 @@ class LLMEngine:
             raise InvalidRequestError("the prompt is empty: give at least one token")
         self._check_token_ids(params)
         guide = self.structured.guide_for(params) if params.structured else None  # a bad schema raises here
+        lazy = params.grammar_trigger is not None
+        if lazy:
+            guide = None  # the grammar is checked; it starts when the output shows the trigger
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"the prompt has {len(ids)} tokens, but this model's context is {self.max_model_len} tokens "
@@ -144,7 +147,8 @@ class LLMEngine:
                 p.seed = params.seed + i  # each choice its own stream, still reproducible
             child = Request(f"{request_id}#{i}", ids, p, eos, max_tokens, adapter_id,
                             wait_for=f"{request_id}#0" if i else None,
-                            guide=(guide if i == 0 else self.structured.guide_for(p)) if guide else None)
+                            guide=(guide if i == 0 else self.structured.guide_for(p)) if guide else None,
+                            trigger_scan=0 if lazy else -1)
             children.append(child)
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=p.skip_special_tokens,
                                                  stop=p.stop_list, include_stop_str_in_output=p.include_stop_str_in_output))
@@ -212,6 +216,8 @@ class LLMEngine:
             o = group.outputs[i]
             o.token_ids.append(tok)
             o.delta_token_ids.append(tok)
+            if req.trigger_scan >= 0 and not req.finished:
+                self._check_trigger(req, group.detoks[i].output_text)
             lp = out.logprobs.get(req.request_id)
             if lp is not None and o.logprobs is not None:
                 o.logprobs.append(self._logprob(tok, lp))
@@ -222,6 +228,20 @@ class LLMEngine:
         for group in touched.values():
             results.append(self._emit(group))
         return results
+
+    def _check_trigger(self, req: Request, text: str) -> None:
+        """Start the request's grammar once its output contains params.grammar_trigger."""
+        trigger = req.params.grammar_trigger
+        at = text.find(trigger, max(0, req.trigger_scan - len(trigger) + 1))
+        if at < 0:
+            req.trigger_scan = len(text)
+            return
+        req.trigger_scan = -1
+        req.guide = self.structured.guide_after(req.params, text[at + len(trigger):])
+        if req.guide is None:  # the token that completed the trigger already left the grammar
+            log.warning("request %s: output after %r breaks its grammar; left unconstrained", req.request_id, trigger)
+        elif req.guide.done:
+            self.scheduler.finish_request(req.request_id, "stop")
 
     def _advance_guide(self, req: Request, tok: int) -> None:
         """Move the request's grammar past `tok`; end the request once the grammar is complete, so a

@@ -30,6 +30,8 @@ class Request:
     """A sibling (same prompt, n > 1) whose prompt must be computed first so its blocks are reused."""
     guide: Any = None
     """keel.engine.guided.Guide constraining this sequence's tokens (structured output), or None."""
+    trigger_scan: int = -1
+    """params.grammar_trigger set and not met yet: output characters already searched for it (else -1)."""
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     """Tokens whose keys and values are in the KV cache."""

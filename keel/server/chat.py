@@ -16,7 +16,7 @@ from keel.server.app import get_state, now, read_body
 from keel.server.errors import from_exception
 from keel.server.protocol import ChatCompletionRequest, RequestError
 from keel.server.streaming import STREAM_HEADERS, Fanin, safe_logprob, sse_stream, start, unless_disconnected
-from keel.server.tools import ToolCallStream, call_grammar, parse_tool_calls, prepare_messages, supports_tools
+from keel.server.tools import OPEN, ToolCallStream, call_grammar, parse_tool_calls, prepare_messages, supports_tools
 
 router = APIRouter()
 
@@ -38,9 +38,13 @@ def tool_params(engine, body: ChatCompletionRequest, params) -> set[str]:
     except StructuredOutputError as e:
         raise RequestError(f"Invalid parameters schema in tools: {e}", "tools", "invalid_function_parameters") from None
     mode = body.tool_mode
+    parallel = body.parallel_tool_calls is not False
     if mode in ("required", "named"):
         name = body.tool_choice.function.name if mode == "named" else None
-        params.grammar = call_grammar(tools, name, body.parallel_tool_calls is not False)
+        params.grammar = call_grammar(tools, name, parallel)
+    elif mode == "auto" and not params.structured:
+        # free text, but a call the model starts is completed validly (arguments match the schema)
+        params.grammar, params.grammar_trigger = call_grammar(tools, None, parallel, after_open=True), OPEN
     return set() if mode == "none" else {t["function"]["name"] for t in tools}
 
 

@@ -100,11 +100,14 @@ def call_schema(tools: list[dict], name: str | None = None) -> dict:
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
-def call_grammar(tools: list[dict], name: str | None, parallel: bool) -> str:
-    """A Lark grammar (llguidance's dialect) for one or more call blocks and nothing else."""
+def call_grammar(tools: list[dict], name: str | None, parallel: bool, after_open: bool = False) -> str:
+    """A Lark grammar (llguidance's dialect) for one or more call blocks and nothing else; after_open:
+    for the text that follows a first OPEN the model wrote itself (tool_choice "auto")."""
     schema = json.dumps({**call_schema(tools, name), "x-guidance": JSON_OPTIONS})
     many = ' ("\\n" call)*' if parallel and name is None else ""
-    return f'start: call{many}\ncall: "{OPEN}\\n" %json {schema} "\\n{CLOSE}"\n'
+    first = "rest" if after_open else "call"
+    return (f'start: {first}{many}\ncall: "{OPEN}" rest\n'
+            f'rest: "\\n" %json {schema} "\\n{CLOSE}"\n')
 
 
 def parse_tool_calls(text: str, names: set[str]) -> tuple[str | None, list[dict]]:

@@ -88,3 +88,26 @@ def test_compiled_grammars_are_cached(llm):
     size = len(backend._cache)
     second = backend.guide_for(SamplingParams(json_schema=dict(PERSON)))
     assert len(backend._cache) == size and first.matcher is not second.matcher  # same text, own state
+
+
+@pytest.mark.parametrize("seed", [3, 7])
+def test_grammar_trigger_constrains_only_what_follows_it(llm, seed):
+    """grammar_trigger (tool_choice "auto"): the output runs free until it contains the trigger, then
+    what follows is held to the grammar. The trigger is taken from the free output of the same seed, so
+    the model certainly writes it; the text before it must be unchanged."""
+    prompt = [{"role": "user", "content": "Tell me about Paris in one sentence."}]
+    free = llm.chat(prompt, SamplingParams(temperature=1.0, seed=seed, max_tokens=24))[0].outputs[0].text
+    trigger = free[:free.index(" ", 3)]  # the first word or two
+    grammar = 'start: " " %json {"type": "object", "properties": {"n": {"type": "integer"}}, ' \
+              '"required": ["n"], "additionalProperties": false}\n'
+    params = SamplingParams(temperature=1.0, seed=seed, max_tokens=64, grammar=grammar, grammar_trigger=trigger)
+    out = llm.chat(prompt, params)[0].outputs[0]
+    assert out.text.startswith(trigger), (trigger, out.text)
+    rest = out.text[len(trigger):]
+    assert rest.startswith(" ") and set(json.loads(rest)) == {"n"}, out.text
+    assert out.finish_reason == "stop"
+
+
+def test_grammar_trigger_needs_a_grammar():
+    with pytest.raises(InvalidRequestError, match="grammar_trigger"):
+        SamplingParams(grammar_trigger="<tool_call>")

@@ -53,6 +53,34 @@ def test_required_and_named_calls_validate(server):
     server.wait_idle()
 
 
+def test_auto_calls_the_model_starts_are_completed_validly(server, llm):
+    """tool_choice "auto": free text, but once the output contains <tool_call> the rest of the block is
+    held to the tools' schemas. This small model rarely calls on its own, so the trigger is taken from its
+    free output (its first word stands in for <tool_call>): what follows must be a valid call block."""
+    from keel import SamplingParams
+    from keel.server.tools import OPEN, call_grammar
+    free = llm.chat(ASK, SamplingParams(temperature=1.0, seed=4, max_tokens=16))[0].outputs[0].text
+    trigger = free[:free.index(" ", 2)]
+    params = SamplingParams(temperature=1.0, seed=4, max_tokens=96, grammar_trigger=trigger,
+                            grammar=call_grammar(TOOLS, None, False, after_open=True))
+    out = llm.chat(ASK, params)[0].outputs[0]
+    assert out.text.startswith(trigger) and out.finish_reason == "stop", out.text
+    content, calls = parse_tool_calls(OPEN + out.text[len(trigger):], {"get_weather", "get_time"})
+    assert len(calls) == 1 and not content, out.text
+    fn = calls[0]["function"]
+    jsonschema.validate(json.loads(fn["arguments"]), WEATHER if fn["name"] == "get_weather" else TIME)
+    # through the server, auto answers stay free text when the model writes no call
+    r = server.client().chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="auto",
+                                                temperature=1.0, seed=2, n=3, max_tokens=24)
+    for c in r.choices:
+        if c.message.tool_calls:
+            assert c.finish_reason == "tool_calls"
+            check_calls(c.message.tool_calls)
+        else:
+            assert c.message.content and c.finish_reason in ("stop", "length")
+    server.wait_idle()
+
+
 def test_streamed_call_deltas(server):
     stream = server.client().chat.completions.create(
         model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
