@@ -26,7 +26,7 @@ import torch
 
 log = logging.getLogger("keel.kernels")
 SOURCE = os.path.join(os.path.dirname(__file__), "cpu_gemv.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -77,6 +77,8 @@ class CPUKernels:
         lib.keel_int8_gemm.argtypes = [p, p, p, p, i64, i64, i64, c_int]
         lib.keel_int4_gemm.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, c_int]
         lib.keel_bf16_gemm.argtypes = [p, p, p, i64, i64, i64, c_int]
+        lib.keel_rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float]
+        lib.keel_rms_norm.restype = None
         lib.keel_int8_gemm.restype = lib.keel_int4_gemm.restype = lib.keel_bf16_gemm.restype = None
         self.lib = lib
 
@@ -95,6 +97,13 @@ class CPUKernels:
         n = weight.shape[0]
         y = torch.empty(m, n, dtype=torch.float32)
         self.lib.keel_bf16_gemm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads())
+        return y
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x float32 [..., D] contiguous, weight float32 [D] -> RMSNorm(x) * weight."""
+        y = torch.empty_like(x)
+        d = x.shape[-1]
+        self.lib.keel_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // d, d, eps)
         return y
 
     def int4(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

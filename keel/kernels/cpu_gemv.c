@@ -8,6 +8,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 #define MBLK 4 /* activation rows per pass: 2 accumulators each, 8 of AVX2's 16 registers */
@@ -122,5 +123,27 @@ void keel_int4_gemm(const float *x, const uint8_t *packed, const uint16_t *scale
                 y[(m0 + i) * N + n] = hsum(acc[i]) + off;
             }
         }
+    }
+}
+
+/* y[m] = x[m] / sqrt(mean(x[m]^2) + eps) * w   (float32 [M, D]): RMSNorm in one pass over each row. */
+void keel_rms_norm(const float *x, const float *w, float *y, int64_t M, int64_t D, float eps) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * D;
+        float *ym = y + m * D;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k + 16 <= D; k += 16) {
+            __m256 v0 = _mm256_loadu_ps(xm + k), v1 = _mm256_loadu_ps(xm + k + 8);
+            a0 = _mm256_fmadd_ps(v0, v0, a0);
+            a1 = _mm256_fmadd_ps(v1, v1, a1);
+        }
+        float ss = hsum(_mm256_add_ps(a0, a1));
+        for (; k < D; k++) ss += xm[k] * xm[k];
+        float r = 1.0f / sqrtf(ss / (float)D + eps);
+        __m256 rv = _mm256_set1_ps(r);
+        for (k = 0; k + 8 <= D; k += 8)
+            _mm256_storeu_ps(ym + k, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xm + k), rv), _mm256_loadu_ps(w + k)));
+        for (; k < D; k++) ym[k] = xm[k] * r * w[k];
     }
 }

@@ -1,3 +1,7 @@
+"""RMSNorm. On x86 CPUs keel's kernel (keel/kernels) normalises float32 rows in one pass: F.rms_norm
+on CPU runs as five separate ops (pow, mean, add, rsqrt, mul), about 50 us for a 576-wide row in a
+decode step against a few us, 61 times a step for SmolLM2 (torch.profiler, 2-core AVX2 EPYC)."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,10 +13,25 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
 
+    own = None  # keel.kernels.cpu.CPUKernels once checked (False: not used)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused call
+            if self.own is None:
+                self.own = self._own_kernel(x)
+            if self.own and x.is_contiguous():
+                return self.own.rms_norm(x, self.weight, self.eps)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in float32 as the reference implementations do, then scale in the model dtype.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
+
+    def _own_kernel(self, x: torch.Tensor):
+        from keel.kernels.cpu import kernels
+        own = kernels() if x.device.type == "cpu" and self.weight.dtype == torch.float32 else None
+        if own is None:
+            return False
+        probe = torch.randn(2, self.weight.shape[0], generator=torch.Generator().manual_seed(0))
+        want = F.rms_norm(probe, self.weight.shape, self.weight, self.eps)
+        return own if torch.allclose(own.rms_norm(probe, self.weight, self.eps), want, rtol=1e-5, atol=1e-6) else False

@@ -199,3 +199,15 @@ def test_bf16_layer_uses_own_kernel_for_decode_rows():
         want = x.float() @ w.t() + b
         assert y.dtype == torch.bfloat16
         assert ((y.float() - want).abs() <= 2 ** -7 * want.abs() + 1e-2).all()
+
+
+def test_rms_norm_kernel_matches_torch():
+    from keel.layers.norm import RMSNorm
+    norm = RMSNorm(200, 1e-6)  # 200: not a multiple of 16, so the scalar tail runs too
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(5, 200) * 3
+    with torch.inference_mode():
+        got = norm(x)
+    torch.testing.assert_close(got, F.rms_norm(x, (200,), norm.weight, 1e-6), rtol=1e-5, atol=1e-6)
+    from keel.kernels.cpu import kernels
+    assert (norm.own is not False) == (kernels() is not None)  # the kernel is used wherever it can run
