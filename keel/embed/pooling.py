@@ -8,7 +8,6 @@ at once are concatenated in sentence-transformers' order, as it does.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from keel.errors import ModelLoadError
+from keel.models.loader import read_json
 
 ORDER = ("cls", "lasttoken", "max", "mean", "mean_sqrt_len")  # sentence-transformers' concatenation order
 KEYS = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "max": "pooling_mode_max_tokens",
@@ -50,29 +50,21 @@ class Pooling:
         return F.normalize(out, dim=-1) if self.normalize else out
 
 
-def _read_json(path: str) -> dict | list:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{path} cannot be read: {e}") from None
-
-
 def read_pooling(folder: str, default_modes: tuple[str, ...], default_normalize: bool) -> Pooling:
     """The pooling that the folder's sentence-transformers files describe; the defaults without them."""
     modules_path = os.path.join(folder, "modules.json")
     st_config = os.path.join(folder, "sentence_bert_config.json")
-    max_len = _read_json(st_config).get("max_seq_length") if os.path.isfile(st_config) else None
+    max_len = read_json(st_config).get("max_seq_length") if os.path.isfile(st_config) else None
     if not os.path.isfile(modules_path):
         return Pooling(default_modes, default_normalize, max_len)
-    modules = _read_json(modules_path)
+    modules = read_json(modules_path)
     if not isinstance(modules, list):
         raise ModelLoadError(f"{modules_path} is not a list of modules")
     modes, normalize = None, False
     for m in modules:
         kind = str(m.get("type", "")).rsplit(".", 1)[-1]
         if kind == "Pooling":
-            config = _read_json(os.path.join(folder, m.get("path", ""), "config.json"))
+            config = read_json(os.path.join(folder, m.get("path", ""), "config.json"))
             if config.get("pooling_mode_weightedmean_tokens"):
                 raise ModelLoadError("weighted-mean pooling is not supported")
             modes = tuple(mode for mode in ORDER if config.get(KEYS[mode]))

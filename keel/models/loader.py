@@ -64,7 +64,7 @@ class Checkpoint:
     block_tensors: "callable | None" = None
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
     try:
         with open(path) as f:
             return json.load(f)
@@ -84,20 +84,20 @@ def open_checkpoint(path: str) -> Checkpoint:
         return _open_gguf(os.path.join(path, ggufs[0]))
     if not os.path.exists(os.path.join(path, "config.json")):
         raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model folder")
-    raw = _read_json(os.path.join(path, "config.json"))
+    raw = read_json(os.path.join(path, "config.json"))
     for arch in (raw.get("architectures") or [])[:1]:
         model_class(arch)  # an unsupported architecture is named before its config keys are read
     config = ModelConfig.from_hf(raw)
     gen_path = os.path.join(path, "generation_config.json")
-    gen = _read_json(gen_path) if os.path.exists(gen_path) else {}
+    gen = read_json(gen_path) if os.path.exists(gen_path) else {}
     gen_eos = gen.get("eos_token_id")
     if gen_eos is not None:
         config.eos_token_ids = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos)
     tokenizer = Tokenizer.from_folder(path, gen)
-    files = _safetensors_files(path)
+    files = safetensors_files(path)
     quant = read_quant_config(path)
     fingerprinted = files + [os.path.join(path, QUANT_CONFIG_FILE)] if quant else files
-    return Checkpoint(config, tokenizer, lambda: _iter_safetensors(files), fingerprinted,
+    return Checkpoint(config, tokenizer, lambda: iter_safetensors(files), fingerprinted,
                       os.path.basename(path.rstrip("/")), quantization=quant)
 
 
@@ -113,10 +113,10 @@ def _open_gguf(path: str) -> Checkpoint:
                       block_tensors=lambda keep: g.tensors(keep_blocks=keep))
 
 
-def _safetensors_files(folder: str) -> list[str]:
+def safetensors_files(folder: str) -> list[str]:
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
-        weight_map = _read_json(index).get("weight_map") or {}
+        weight_map = read_json(index).get("weight_map") or {}
         names = sorted(set(weight_map.values()))
         missing = [n for n in names if not os.path.exists(os.path.join(folder, n))]
         if missing:
@@ -128,7 +128,7 @@ def _safetensors_files(folder: str) -> list[str]:
     return [os.path.join(folder, f) for f in files]
 
 
-def _iter_safetensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
     for path in files:
         try:
