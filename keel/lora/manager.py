@@ -134,6 +134,11 @@ class LoRAManager:
                 self._enqueue(aid, prefetch=True)
         return aid
 
+    def check_folder(self, name: str, path: str) -> None:
+        """Validate an adapter folder as `add` would (LoRAError with the reason), registering nothing."""
+        read_spec(name, os.path.abspath(os.path.expanduser(str(path))), self.base, self.config.max_lora_rank,
+                  self.served_model)
+
     def register_dir(self, folder: str) -> list[str]:
         """Every subfolder holding an adapter_config.json, registered under the subfolder's name."""
         if not os.path.isdir(folder):

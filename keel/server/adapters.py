@@ -88,12 +88,9 @@ async def load_lora_adapter(request: Request):
     def load() -> None:
         if body.load_inplace:
             path = os.path.abspath(os.path.expanduser(body.lora_path))
-            known = {a.name: a.path for a in engine.list_loras()}
-            if name in known and known[name] != path:
-                # Validate the new folder under a scratch name first: a bad one leaves the old in place.
-                scratch = f"{name}\x00new"
-                engine.add_lora(scratch, path)
-                engine.remove_lora(scratch)
+            old = engine.lora.path_of(name)
+            if old is not None and old != path:
+                engine.lora.check_folder(name, path)  # a bad new folder leaves the old adapter in place
                 engine.remove_lora(name)
         engine.add_lora(name, body.lora_path)
     try:

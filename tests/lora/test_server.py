@@ -116,6 +116,11 @@ def test_unload_then_404_then_load_again(env):
     assert r.status_code == 400 and "already registered" in r.json()["error"]["message"]
     before = complete(server.client(), "temp", PROMPTS[1])
     assert before.choices[0].text.split() == expected_text(server, adapters["qv-r4"][1], PROMPTS[1])
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "temp", "lora_path": "/no/such/adapter",
+                                                 "load_inplace": True})
+    assert r.status_code == 400 and "does not exist" in r.json()["error"]["message"]
+    kept = complete(server.client(), "temp", PROMPTS[1])  # a bad replacement leaves the old adapter serving
+    assert kept.choices[0].text.split() == before.choices[0].text.split()
     r = http.post("/v1/load_lora_adapter", json={"lora_name": "temp", "lora_path": adapters["all-r16"][0],
                                                  "load_inplace": True})
     assert r.status_code == 200, r.text
