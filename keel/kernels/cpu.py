@@ -25,7 +25,7 @@ import threading
 import torch
 
 log = logging.getLogger("keel.kernels")
-SOURCE = os.path.join(os.path.dirname(__file__), "cpu_gemv.c")
+SOURCES = [os.path.join(os.path.dirname(__file__), f) for f in ("cpu_gemv.c", "cpu_lora.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]
 _lock = threading.Lock()
 _state: dict = {}
@@ -44,8 +44,10 @@ def _supported() -> bool:
 
 
 def _compile() -> str | None:
-    with open(SOURCE, "rb") as f:
-        src = f.read()
+    src = b""
+    for path in SOURCES:
+        with open(path, "rb") as f:
+            src += f.read()
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         log.info("no C compiler: keel's CPU kernels are off")
@@ -58,7 +60,7 @@ def _compile() -> str | None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, SOURCE, "-o", tmp], check=True, capture_output=True, timeout=120)
+        subprocess.run([cc, *FLAGS, *SOURCES, "-o", tmp], check=True, capture_output=True, timeout=120)
         os.replace(tmp, out)  # atomic: another process compiling the same file sees one or the other
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", b"") or b""
@@ -79,6 +81,8 @@ class CPUKernels:
         lib.keel_bf16_gemm.argtypes = [p, p, p, i64, i64, i64, c_int]
         lib.keel_rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float]
         lib.keel_rms_norm.restype = None
+        lib.keel_lora_f32.argtypes = [p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, c_int]
+        lib.keel_lora_f32.restype = None
         lib.keel_int8_gemm.restype = lib.keel_int4_gemm.restype = lib.keel_bf16_gemm.restype = None
         self.lib = lib
 
@@ -105,6 +109,17 @@ class CPUKernels:
         d = x.shape[-1]
         self.lib.keel_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // d, d, eps)
         return y
+
+    def lora(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, a: torch.Tensor, b_ptrs, out_sizes,
+             ranks: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor) -> None:
+        """y += every listed slot's LoRA update of its rows of x (float32, contiguous; see cpu_lora.c).
+        a: [L, max_rank * n, in]; b_ptrs: ctypes array of the n b stacks' addresses ([L, max_rank, out_k]);
+        out_sizes: ctypes int64 array of out_k; ranks int32 [n, L]; slots, starts, counts int32 [M]."""
+        L, hr, k = a.shape
+        n = len(out_sizes)
+        self.lib.keel_lora_f32(x.data_ptr(), y.data_ptr(), h.data_ptr(), a.data_ptr(), b_ptrs, out_sizes,
+                               ranks.data_ptr(), slots.data_ptr(), starts.data_ptr(), counts.data_ptr(),
+                               slots.shape[0], n, k, y.shape[1], hr // n, L, torch.get_num_threads())
 
     def int4(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
              group: int) -> torch.Tensor:

@@ -25,9 +25,14 @@ hundreds of padded rows, on a large one a few.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ctypes
+from dataclasses import dataclass, field
 
 import torch
+
+# A slot with up to this many tokens in a step goes through keel's CPU kernel (one call for all such
+# slots); one with more (a prefill chunk) through MKL's matmuls, which block for cache on many rows.
+KERNEL_MAX_ROWS = 64
 
 
 @dataclass
@@ -98,6 +103,10 @@ class LoRAMetadata:
     scatter_src: torch.Tensor | None  # [M] int64 layout rows that hold real tokens
     scatter_dst: torch.Tensor | None  # [M] int64 their token rows
     overflow: list[tuple[int, int, int]]  # (slot, first row, end row): a slot's tokens past the first C
+    # For keel's CPU kernel (float32 on CPU): the slots of at most KERNEL_MAX_ROWS tokens, as int32
+    # [slots, first rows, counts], and (slot, first row, end row) of the larger ones.
+    kernel_slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    kernel_rest: list[tuple[int, int, int]] = field(default_factory=list)
 
     @classmethod
     def build(cls, counts: list[int], groups: list[tuple[int, int]], device: torch.device,
@@ -110,6 +119,16 @@ class LoRAMetadata:
             starts.append(n)
             n += c
         overflow = [(s, starts[s] + C, starts[s] + c) for s, c in enumerate(counts) if c > C]
+        meta = cls._build(S, C, n, counts, starts, groups, overflow, device)
+        if device.type == "cpu":
+            small = [s for s, c in enumerate(counts) if c <= KERNEL_MAX_ROWS]
+            meta.kernel_slots = tuple(torch.tensor(v, dtype=torch.int32) for v in
+                                      (small, [starts[s] for s in small], [counts[s] for s in small]))
+            meta.kernel_rest = [(s, starts[s], starts[s] + c) for s, c in enumerate(counts) if c > KERNEL_MAX_ROWS]
+        return meta
+
+    @classmethod
+    def _build(cls, S, C, n, counts, starts, groups, overflow, device) -> "LoRAMetadata":
         if all(c == C for c in counts):
             return cls(S, C, n, groups, None, None, None, [])
         gather, src, dst = [], [], []
@@ -145,6 +164,14 @@ class LinearLoRA:
         self.b = [torch.zeros(max_loras, max_rank, size, dtype=dtype, device=device) for size in shard_sizes]
         self.ranks = [[0] * max_loras for _ in shard_sizes]
         self.slot_rank = [0] * max_loras  # largest rank of the slot over its shards
+        self.kernel = None  # keel's CPU kernel (keel.kernels.cpu), float32 on CPU only
+        if device.type == "cpu" and dtype == torch.float32:
+            from keel.kernels.cpu import kernels
+            self.kernel = kernels()
+        if self.kernel is not None:
+            self._rank_table = torch.zeros(self.n, max_loras, dtype=torch.int32)  # ranks, for the kernel
+            self._b_ptrs = (ctypes.c_void_p * self.n)(*[b.data_ptr() for b in self.b])
+            self._out_sizes = (ctypes.c_int64 * self.n)(*shard_sizes)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in [self.a] + self.b)
@@ -162,6 +189,8 @@ class LinearLoRA:
             self.b[shard][slot, r:old].zero_()
         self.ranks[shard][slot] = r
         self.slot_rank[slot] = max(ranks[slot] for ranks in self.ranks)
+        if self.kernel is not None:
+            self._rank_table[shard, slot] = r
 
     def move_slot(self, src: int, dst: int, swap: bool) -> None:
         """Copy slot src to dst; with swap, dst's adapter goes to src."""
@@ -176,6 +205,8 @@ class LinearLoRA:
                 t[dst, :rows] = t[src, :rows]
         for ranks in self.ranks + [self.slot_rank]:
             ranks[src], ranks[dst] = (ranks[dst] if swap else ranks[src]), ranks[src]
+        if self.kernel is not None:
+            self._rank_table[:, [src, dst]] = torch.tensor([[r[src], r[dst]] for r in self.ranks], dtype=torch.int32)
 
     # -- the batched update ------------------------------------------------------------------
     def apply(self, x: torch.Tensor, y: torch.Tensor, meta: LoRAMetadata) -> None:
@@ -186,6 +217,9 @@ class LinearLoRA:
         than per flop. Every matmul operand keeps unit stride in its last dim: bmm on a strided slice,
         or baddbmm_ into a column slice of y, falls off MKL onto a loop 3-10x slower (measured).
         """
+        if self.kernel is not None and meta.kernel_slots is not None and x.dtype == torch.float32:
+            self._apply_kernel(x, y, meta)
+            return
         S, C = meta.num_slots, meta.rows_per_slot
         view = meta.gather_index is None
         if view:
@@ -211,6 +245,21 @@ class LinearLoRA:
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
             y.index_add_(0, meta.scatter_dst, out.view(S * C, -1).index_select(0, meta.scatter_src))
         for s, r0, r1 in meta.overflow:
+            self._rows(x, y, r0, r1, s)
+
+    def _apply_kernel(self, x: torch.Tensor, y: torch.Tensor, meta: LoRAMetadata) -> None:
+        """keel's CPU kernel: one call for every slot with a few tokens, which reads each adapter's
+        weights once and computes only real rows, with no layout gather, copy or scatter around the
+        matmuls. On the 2-core AVX2 EPYC the torch ops above cost ~10-60 us each, ~15 of them per
+        projection, more than the products themselves (bench/results/lora.md)."""
+        slots, starts, counts = meta.kernel_slots
+        if slots.numel():
+            x, yk = x.contiguous(), y if y.is_contiguous() else y.contiguous()
+            h = torch.empty(meta.num_lora_tokens, self.a.shape[1], dtype=torch.float32)
+            self.kernel.lora(x, yk, h, self.a, self._b_ptrs, self._out_sizes, self._rank_table, slots, starts, counts)
+            if yk is not y:
+                y.copy_(yk)
+        for s, r0, r1 in meta.kernel_rest:
             self._rows(x, y, r0, r1, s)
 
     def _rows(self, x: torch.Tensor, y: torch.Tensor, r0: int, r1: int, slot: int) -> None:

@@ -100,3 +100,38 @@ def test_rows_per_slot_and_rank_groups():
     assert rank_groups([16] * 4 + [8] * 4 + [4], LoRACosts(16, 32)) == [(0, 4), (4, 9)]
     assert rank_groups([16] * 4 + [8] * 4 + [4], LoRACosts(16, 540)) == [(0, 9)]  # tiny model: never split
     assert rank_groups([64, 8, 8, 8, 8]) == [(0, 1), (1, 5)]
+
+
+@pytest.mark.parametrize("counts,num_base", [
+    ([1, 1, 1, 1, 1], 0),  # decode: matrix-vector products
+    ([9, 1, 2, 1, 3], 2),  # token blocks of 4 with remainders, base-model rows after
+    ([70, 1, 5, 1, 2], 1),  # a slot past KERNEL_MAX_ROWS goes through the matmul path
+    ([6], 0),
+])
+def test_cpu_kernel_matches_the_torch_path(counts, num_base):
+    """keel's float32 CPU kernel against the op's torch path, on widths that are not multiples of its
+    vectors (in 37, shards 40/8/23), mixed ranks, shards a slot leaves alone, and a whole slot at rank 0."""
+    from keel.kernels.cpu import kernels
+    if kernels() is None:
+        pytest.skip("keel's CPU kernels need Linux, AVX2, FMA and a C compiler")
+    in_f, shards = 37, [40, 8, 23]
+    layer = LinearLoRA(in_f, shards, MAX_LORAS, MAX_RANK, torch.float32, torch.device("cpu"))
+    assert layer.kernel is not None
+    g = torch.Generator().manual_seed(3)
+    for slot, ranks in enumerate([[8, 8, 8], [8, 0, 8], [4, 4, 4], [2, 3, 1], [0, 0, 0]]):
+        for k, (r, out) in enumerate(zip(ranks, shards)):
+            layer.set_slot(slot, k, *((torch.randn(r, in_f, generator=g), torch.randn(r, out, generator=g))
+                                      if r else (None, None)))
+    layer.move_slot(1, 5, swap=True)  # the kernel's rank table follows moves
+    layer.move_slot(1, 5, swap=True)
+    x = torch.randn(sum(counts) + num_base, in_f, generator=g)
+    base = torch.randn(x.shape[0], sum(shards), generator=g)
+    meta = LoRAMetadata.build(counts, [(0, len(counts))], torch.device("cpu"))
+    got = base.clone()
+    layer.apply(x, got, meta)
+    kernel, layer.kernel = layer.kernel, None
+    want = base.clone()
+    layer.apply(x, want, meta)
+    layer.kernel = kernel
+    assert (want - base).abs().max() > 1  # the update is not nothing
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
