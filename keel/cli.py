@@ -123,7 +123,8 @@ def cmd_serve(args) -> int:
 
     lora = None
     if args.enable_lora or args.lora or args.lora_dir:
-        lora = LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras)
+        lora = LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
+                          lora_dtype=args.lora_dtype)
     adapters = [_lora_arg(spec) for spec in args.lora or []]  # bad syntax fails before the model loads
     engine = LLMEngine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                        quantization=args.quantize, lora=lora,
@@ -189,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     lo.add_argument("--max-loras", type=int, default=8, help="adapters resident next to the weights (one batch mixes up to this many)")
     lo.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept loaded in host memory (default: --max-loras)")
     lo.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank accepted")
+    lo.add_argument("--lora-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="how adapter weights are stored (auto: bfloat16 under a float32 model on a CPU with "
+                         "keel's kernel, else the model's dtype)")
     lo.add_argument("--no-lora-updates", action="store_true",
                     help="turn off POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
     s.set_defaults(func=cmd_serve)

@@ -54,6 +54,10 @@ class LoRAConfig:
     """Loaded adapters kept in host memory (LRU), the rest are read from disk when needed; None: max_loras."""
     check_base_model: bool = True
     """Refuse an adapter whose adapter_config.json names a clearly different base model."""
+    lora_dtype: str = "auto"
+    """How resident and host-memory adapter weights are stored: "auto" is bfloat16 where keel's CPU
+    kernel runs a float32 model (half the bytes each step streams; exact for adapters saved in
+    bfloat16, others are rounded to it), else the model's dtype; or "float32" / "bfloat16" / "float16"."""
 
     def __post_init__(self) -> None:
         _check(self.max_loras > 0, "max_loras", self.max_loras, "must be > 0")
@@ -61,3 +65,5 @@ class LoRAConfig:
         if self.max_cpu_loras is None:
             self.max_cpu_loras = self.max_loras
         _check(self.max_cpu_loras > 0, "max_cpu_loras", self.max_cpu_loras, "must be > 0")
+        _check(self.lora_dtype in ("auto", "float32", "bfloat16", "float16"), "lora_dtype", self.lora_dtype,
+               "must be auto, float32, bfloat16 or float16")

@@ -81,8 +81,9 @@ class CPUKernels:
         lib.keel_bf16_gemm.argtypes = [p, p, p, i64, i64, i64, c_int]
         lib.keel_rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float]
         lib.keel_rms_norm.restype = None
-        lib.keel_lora_f32.argtypes = [p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, c_int]
-        lib.keel_lora_f32.restype = None
+        for f in (lib.keel_lora_f32, lib.keel_lora_bf16):
+            f.argtypes = [p, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, c_int]
+            f.restype = None
         lib.keel_int8_gemm.restype = lib.keel_int4_gemm.restype = lib.keel_bf16_gemm.restype = None
         self.lib = lib
 
@@ -111,15 +112,18 @@ class CPUKernels:
         return y
 
     def lora(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, a: torch.Tensor, b_ptrs, out_sizes,
-             ranks: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor) -> None:
+             ranks: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor,
+             counts: torch.Tensor) -> None:
         """y += every listed slot's LoRA update of its rows of x (float32, contiguous; see cpu_lora.c).
-        a: [L, max_rank * n, in]; b_ptrs: ctypes array of the n b stacks' addresses ([L, max_rank, out_k]);
-        out_sizes: ctypes int64 array of out_k; ranks int32 [n, L]; slots, starts, counts int32 [M]."""
+        a: [L, max_rank * n, in] float32 or bfloat16; b_ptrs: ctypes array of the n b stacks' addresses
+        ([L, max_rank, out_k], a's dtype); out_sizes: ctypes int64 array of out_k; ranks int32 and scales
+        float32 [n, L]; slots, starts, counts int32 [M]; h: float32 scratch [rows of x, max_rank * n]."""
         L, hr, k = a.shape
         n = len(out_sizes)
-        self.lib.keel_lora_f32(x.data_ptr(), y.data_ptr(), h.data_ptr(), a.data_ptr(), b_ptrs, out_sizes,
-                               ranks.data_ptr(), slots.data_ptr(), starts.data_ptr(), counts.data_ptr(),
-                               slots.shape[0], n, k, y.shape[1], hr // n, L, torch.get_num_threads())
+        fn = self.lib.keel_lora_bf16 if a.dtype == torch.bfloat16 else self.lib.keel_lora_f32
+        fn(x.data_ptr(), y.data_ptr(), h.data_ptr(), a.data_ptr(), b_ptrs, out_sizes, ranks.data_ptr(),
+           scales.data_ptr(), slots.data_ptr(), starts.data_ptr(), counts.data_ptr(), slots.shape[0], n, k,
+           y.shape[1], hr // n, L, torch.get_num_threads())
 
     def int4(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
              group: int) -> torch.Tensor:

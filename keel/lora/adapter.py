@@ -263,9 +263,11 @@ def _read_header(weights: str, fail) -> dict[str, tuple[int, ...]]:
         raise fail(f"{WEIGHTS_FILE} cannot be read: {e}") from None
 
 
-def load_weights(spec: AdapterSpec, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """module -> (A [r, in], scale * Bᵀ [r, out]) in `dtype` on the CPU: the layout the resident stacks hold,
-    with the scale folded into B so the batched op is two plain matmuls."""
+def load_weights(spec: AdapterSpec, dtype: torch.dtype,
+                 fold_scale: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """module -> (A [r, in], scale * Bᵀ [r, out], 1.0) in `dtype` on the CPU: the layout the resident stacks
+    hold, with the scale folded into B so the batched op is two plain matmuls; without fold_scale
+    (A, Bᵀ, scale), B as stored (a bfloat16 file into bfloat16 stacks loses nothing)."""
     from safetensors import safe_open
     out = {}
     try:
@@ -275,7 +277,9 @@ def load_weights(spec: AdapterSpec, dtype: torch.dtype) -> dict[str, tuple[torch
                 b = f.get_tensor(b_name).to(torch.float32)
                 if (tuple(a.shape), tuple(b.shape)) != spec.shapes[module]:
                     raise _fail(spec.name, spec.path, f"{module} changed shape since the adapter was validated")
-                out[module] = (a.to(dtype).contiguous(), (b.t() * spec.scales[module]).to(dtype).contiguous())
+                scale = spec.scales[module]
+                bt = (b.t() * scale) if fold_scale else b.t()
+                out[module] = (a.to(dtype).contiguous(), bt.to(dtype).contiguous(), 1.0 if fold_scale else scale)
     except LoRAError:
         raise
     except Exception as e:

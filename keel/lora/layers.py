@@ -142,34 +142,62 @@ class LoRAMetadata:
         return cls(S, C, n, groups, t(gather), t(src), t(dst), overflow)
 
 
+def lora_store_dtype(lora_dtype: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype resident adapter stacks hold (see LoRAConfig.lora_dtype).
+
+    "auto" under a float32 model on a CPU with keel's kernel is bfloat16: the batched update streams
+    every active adapter's weights each step, which at 64 requests over 27 adapters was ~400 MB a
+    step in float32 (bench/results/lora.md); bfloat16 halves it, and the kernel widens it exactly."""
+    from keel.kernels.cpu import kernels
+    kernel = device.type == "cpu" and dtype == torch.float32 and kernels() is not None
+    if lora_dtype == "auto":
+        return torch.bfloat16 if kernel else dtype
+    want = getattr(torch, lora_dtype)
+    if want != dtype and not (want == torch.bfloat16 and kernel):
+        raise ValueError(f"lora_dtype {lora_dtype} under a {dtype} model is not supported here: adapters are "
+                         "stored in the model's dtype, or in bfloat16 under a float32 model where keel's CPU "
+                         "kernel runs (x86 with AVX2 and FMA, a C compiler)")
+    return want
+
+
 class LinearLoRA:
     """The resident adapters' weights for one Linear with n output shards (q/k/v or gate/up when fused).
 
     a: [max_loras, max_rank * n, in] lora_A rows of all shards, rank-major (row i*n + k is rank i of
        shard k), so one matmul shrinks x for every shard and slicing a step's rank R is the prefix
        [:R*n]; fused layers thus pay one shrink, not n.
-    b[k]: [max_loras, max_rank, out_k] scale * lora_Bᵀ of shard k.
+    b[k]: [max_loras, max_rank, out_k] scale * lora_Bᵀ of shard k (lora_Bᵀ alone when not `folded`).
     A slot's rows past its rank are zero, so a group computed at a larger rank adds nothing extra.
     ranks[k][slot]: that slot's rank for shard k (0: the adapter does not adapt this projection).
     """
 
     def __init__(self, in_features: int, shard_sizes: list[int], max_loras: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, store_dtype: torch.dtype | None = None) -> None:
+        """dtype: the model's; store_dtype: the stacks' (default dtype). bfloat16 stacks under a float32
+        model need keel's CPU kernel, which widens them in registers; they keep the scale apart from B
+        (b[k] holds lora_Bᵀ as read, exact for bfloat16 adapter files) and halve the bytes a step reads."""
         self.slices, start = [], 0
         for size in shard_sizes:
             self.slices.append(slice(start, start + size))
             start += size
         self.n = len(shard_sizes)
-        self.a = torch.zeros(max_loras, max_rank * self.n, in_features, dtype=dtype, device=device)
-        self.b = [torch.zeros(max_loras, max_rank, size, dtype=dtype, device=device) for size in shard_sizes]
+        store_dtype = store_dtype or dtype
+        self.a = torch.zeros(max_loras, max_rank * self.n, in_features, dtype=store_dtype, device=device)
+        self.b = [torch.zeros(max_loras, max_rank, size, dtype=store_dtype, device=device) for size in shard_sizes]
         self.ranks = [[0] * max_loras for _ in shard_sizes]
         self.slot_rank = [0] * max_loras  # largest rank of the slot over its shards
         self.kernel = None  # keel's CPU kernel (keel.kernels.cpu), float32 on CPU only
         if device.type == "cpu" and dtype == torch.float32:
             from keel.kernels.cpu import kernels
             self.kernel = kernels()
+        self.folded = store_dtype == dtype  # the scale is folded into b; else it is in scales[k][slot]
+        if not self.folded and (self.kernel is None or store_dtype != torch.bfloat16):
+            raise ValueError(f"LoRA weights stored as {store_dtype} under a {dtype} model need keel's CPU "
+                             "kernel (float32 model on an x86 CPU with AVX2, FMA and a C compiler) and bfloat16")
+        self.scales = [[1.0] * max_loras for _ in shard_sizes]
         if self.kernel is not None:
             self._rank_table = torch.zeros(self.n, max_loras, dtype=torch.int32)  # ranks, for the kernel
+            self._scale_table = torch.ones(self.n, max_loras, dtype=torch.float32)
             self._b_ptrs = (ctypes.c_void_p * self.n)(*[b.data_ptr() for b in self.b])
             self._out_sizes = (ctypes.c_int64 * self.n)(*shard_sizes)
 
@@ -177,8 +205,10 @@ class LinearLoRA:
         return sum(t.numel() * t.element_size() for t in [self.a] + self.b)
 
     # -- slot management (the manager calls these between steps) ----------------------------
-    def set_slot(self, slot: int, shard: int, a: torch.Tensor | None, bt: torch.Tensor | None) -> None:
-        """a: [r, in], bt: [r, out_k] (None: this adapter leaves the shard alone)."""
+    def set_slot(self, slot: int, shard: int, a: torch.Tensor | None, bt: torch.Tensor | None,
+                 scale: float = 1.0) -> None:
+        """a: [r, in], bt: [r, out_k] (None: this adapter leaves the shard alone); with `folded` bt already
+        carries the scale and `scale` is 1."""
         n, old = self.n, self.ranks[shard][slot]
         r = 0 if a is None else a.shape[0]
         if r:
@@ -188,9 +218,11 @@ class LinearLoRA:
             self.a[slot, r * n + shard:old * n:n].zero_()
             self.b[shard][slot, r:old].zero_()
         self.ranks[shard][slot] = r
+        self.scales[shard][slot] = scale
         self.slot_rank[slot] = max(ranks[slot] for ranks in self.ranks)
         if self.kernel is not None:
             self._rank_table[shard, slot] = r
+            self._scale_table[shard, slot] = scale
 
     def move_slot(self, src: int, dst: int, swap: bool) -> None:
         """Copy slot src to dst; with swap, dst's adapter goes to src."""
@@ -203,10 +235,11 @@ class LinearLoRA:
                 t[[src, dst], :rows] = t[[dst, src], :rows]
             else:
                 t[dst, :rows] = t[src, :rows]
-        for ranks in self.ranks + [self.slot_rank]:
+        for ranks in self.ranks + self.scales + [self.slot_rank]:
             ranks[src], ranks[dst] = (ranks[dst] if swap else ranks[src]), ranks[src]
         if self.kernel is not None:
             self._rank_table[:, [src, dst]] = torch.tensor([[r[src], r[dst]] for r in self.ranks], dtype=torch.int32)
+            self._scale_table[:, [src, dst]] = torch.tensor([[c[src], c[dst]] for c in self.scales])
 
     # -- the batched update ------------------------------------------------------------------
     def apply(self, x: torch.Tensor, y: torch.Tensor, meta: LoRAMetadata) -> None:
@@ -256,7 +289,8 @@ class LinearLoRA:
         if slots.numel():
             x, yk = x.contiguous(), y if y.is_contiguous() else y.contiguous()
             h = torch.empty(meta.num_lora_tokens, self.a.shape[1], dtype=torch.float32)
-            self.kernel.lora(x, yk, h, self.a, self._b_ptrs, self._out_sizes, self._rank_table, slots, starts, counts)
+            self.kernel.lora(x, yk, h, self.a, self._b_ptrs, self._out_sizes, self._rank_table, self._scale_table,
+                             slots, starts, counts)
             if yk is not y:
                 y.copy_(yk)
         for s, r0, r1 in meta.kernel_rest:
@@ -267,13 +301,14 @@ class LinearLoRA:
         n, r = self.n, self.slot_rank[slot]
         if r == 0:
             return
-        h = x[r0:r1] @ self.a[slot, :r * n].t()  # [rows, r * n], rank-major
+        h = x[r0:r1] @ self.a[slot, :r * n].to(x.dtype).t()  # [rows, r * n], rank-major
         if n > 1:
             h = h.view(r1 - r0, r, n).transpose(1, 2).contiguous()  # [rows, n, r]
         for k, sl in enumerate(self.slices):
             rk = self.ranks[k][slot]
             if rk:
-                y[r0:r1, sl].addmm_(h[:, k, :rk] if n > 1 else h[:, :rk], self.b[k][slot, :rk])
+                y[r0:r1, sl].addmm_(h[:, k, :rk] if n > 1 else h[:, :rk], self.b[k][slot, :rk].to(x.dtype),
+                                    alpha=self.scales[k][slot])
 
     def _group(self, xg: torch.Tensor, lo: int, hi: int) -> list[torch.Tensor | None]:
         """Per shard the update of slots lo..hi-1 for xg: [G, C, in] (None where no slot adapts it)."""

@@ -25,7 +25,7 @@ import torch
 from keel.config import LoRAConfig
 from keel.errors import LoRAError, LoRANotFoundError
 from keel.lora.adapter import AdapterSpec, BaseTargets, load_weights, read_spec
-from keel.lora.layers import LinearLoRA, LoRACosts, rank_groups
+from keel.lora.layers import LinearLoRA, LoRACosts, lora_store_dtype, rank_groups
 
 log = logging.getLogger("keel.lora")
 
@@ -63,6 +63,8 @@ class LoRAManager:
         self.max_loras = config.max_loras
         self.max_cpu_loras = config.max_cpu_loras
         self.dtype, self.device = dtype, device
+        self.store_dtype = lora_store_dtype(config.lora_dtype, dtype, device)
+        self.fold_scale = self.store_dtype == dtype
         self.served_model = served_model if config.check_base_model else None
         self.base = BaseTargets(model)
         modules = dict(model.named_modules())
@@ -72,12 +74,12 @@ class LoRAManager:
                 lin = modules[t.module]
                 sizes = list(lin.output_sizes.values()) if lin.output_sizes else [lin.out_features]
                 lin.lora = self.layers[t.module] = LinearLoRA(
-                    lin.in_features, sizes, config.max_loras, config.max_lora_rank, dtype, device)
+                    lin.in_features, sizes, config.max_loras, config.max_lora_rank, dtype, device, self.store_dtype)
         # every (Hugging Face module name, layer, shard) an adapter may adapt
         self._targets = [(hf, self.layers[t.module], t.shard) for hf, t in self.base.targets.items()]
         self.costs = LoRACosts.for_model(
             sum(t.in_features + t.out_features for t in self.base.targets.values()), len(self.layers),
-            config.max_lora_rank, torch.empty((), dtype=dtype).element_size())
+            config.max_lora_rank, torch.empty((), dtype=self.store_dtype).element_size())
 
         self._cv = threading.Condition()
         self._by_name: dict[str, _Entry] = {}
@@ -300,7 +302,7 @@ class LoRAManager:
                 entry = self._by_id[aid]
                 self._loading = aid
             try:
-                weights, error = load_weights(entry.spec, self.dtype), None
+                weights, error = load_weights(entry.spec, self.store_dtype, self.fold_scale), None
             except LoRAError as e:
                 weights, error = None, e
             except Exception as e:  # never let the loader thread die: report it as that adapter's error
@@ -387,11 +389,11 @@ class LoRAManager:
                 self._host.move_to_end(aid)
         if weights is None:  # evicted between the scheduler's check and now: read it here
             log.warning("adapter %s was not in host memory at its step; reading it from disk", spec.name)
-            weights = load_weights(spec, self.dtype)
+            weights = load_weights(spec, self.store_dtype, self.fold_scale)
             self.num_disk_loads += 1
         for hf, layer, shard in self._targets:
             a_bt = weights.get(hf)
-            layer.set_slot(slot, shard, *(a_bt if a_bt is not None else (None, None)))
+            layer.set_slot(slot, shard, *(a_bt if a_bt is not None else (None, None, 1.0)))
         with self._cv:
             self.slot_of[aid] = slot
             self.slot_adapter[slot] = aid

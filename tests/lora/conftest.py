@@ -25,19 +25,23 @@ ADAPTERS = {
 }
 
 
-def randomize_lora(model, seed: int, scale: float = 0.3) -> None:
+def randomize_lora(model, seed: int, scale: float = 0.3, bf16_exact: bool = True) -> None:
+    """bf16_exact: values a bfloat16 holds exactly, like an adapter trained and saved in bfloat16, so keel's
+    default bfloat16 adapter stacks under a float32 model (LoRAConfig.lora_dtype) hold them unchanged and
+    greedy tokens can be compared with PEFT's exactly."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_A" in name or "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
+                v = torch.randn(p.shape, generator=g) * scale
+                p.copy_(v.bfloat16().float() if bf16_exact else v)
 
 
-def make_peft_adapter(hf_model, folder: str, seed: int, **lora_kwargs):
+def make_peft_adapter(hf_model, folder: str, seed: int, bf16_exact: bool = True, **lora_kwargs):
     """Save a PEFT LoRA adapter for (a copy of) hf_model into folder; returns the PEFT model (eval)."""
     from peft import LoraConfig, get_peft_model
     peft_model = get_peft_model(copy.deepcopy(hf_model), LoraConfig(**lora_kwargs))
-    randomize_lora(peft_model, seed)
+    randomize_lora(peft_model, seed, bf16_exact=bf16_exact)
     peft_model.save_pretrained(folder)
     return peft_model.eval()
 

@@ -135,3 +135,45 @@ def test_cpu_kernel_matches_the_torch_path(counts, num_base):
     layer.kernel = kernel
     assert (want - base).abs().max() > 1  # the update is not nothing
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_bfloat16_stacks_hold_bfloat16_adapters_exactly():
+    """The default stacks under a float32 model with keel's kernel: bfloat16, the scale kept apart from B.
+    For weights a bfloat16 holds (an adapter saved in bfloat16) the update equals float32 stacks with
+    the scale folded in, through slot moves; float32 stays available (lora_dtype="float32")."""
+    from keel.kernels.cpu import kernels
+    from keel.lora.layers import lora_store_dtype
+    cpu = torch.device("cpu")
+    if kernels() is None:
+        assert lora_store_dtype("auto", torch.float32, cpu) == torch.float32
+        pytest.skip("keel's CPU kernels need Linux, AVX2, FMA and a C compiler")
+    assert lora_store_dtype("auto", torch.float32, cpu) == torch.bfloat16
+    assert lora_store_dtype("float32", torch.float32, cpu) == torch.float32
+    assert lora_store_dtype("auto", torch.bfloat16, cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="float16"):
+        lora_store_dtype("float16", torch.float32, cpu)
+    in_f, shards = 40, [48, 16]
+    half = LinearLoRA(in_f, shards, MAX_LORAS, MAX_RANK, torch.float32, cpu, torch.bfloat16)
+    full = LinearLoRA(in_f, shards, MAX_LORAS, MAX_RANK, torch.float32, cpu)
+    assert not half.folded and half.a.dtype == torch.bfloat16 and half.nbytes() * 2 == full.nbytes()
+    g = torch.Generator().manual_seed(5)
+    for slot, (ranks, scale) in enumerate([([8, 4], 0.37), ([3, 0], 2.5), ([6, 6], 1 / 3)]):
+        for k, (r, out) in enumerate(zip(ranks, shards)):
+            if not r:
+                half.set_slot(slot, k, None, None)
+                full.set_slot(slot, k, None, None)
+                continue
+            a, bt = (torch.randn(n, generator=g).bfloat16() for n in [(r, in_f), (r, out)])
+            half.set_slot(slot, k, a, bt, scale)
+            full.set_slot(slot, k, a.float(), bt.float() * scale)
+    half.move_slot(0, 2, swap=True)
+    full.move_slot(0, 2, swap=True)
+    counts = [3, 1, 70]  # the last slot runs the matmul path, which widens the bfloat16 stacks
+    x = torch.randn(sum(counts), in_f, generator=g)
+    base = torch.randn(x.shape[0], sum(shards), generator=g)
+    meta = LoRAMetadata.build(counts, [(0, 3)], cpu)
+    got, want = base.clone(), base.clone()
+    half.apply(x, got, meta)
+    full.apply(x, want, meta)
+    assert (want - base).abs().max() > 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)

@@ -40,7 +40,9 @@ def many(lora_case, tmp_path_factory):
         folder = root / f"ad{i:04d}"
         folder.mkdir()
         (folder / "adapter_config.json").write_text(cfg)
-        save_file({k: torch.randn(v.shape, generator=g) * 0.3 if "lora_B" in k else v for k, v in tensors.items()},
+        # B saved in bfloat16, as adapters trained in bfloat16 are (A stays the template's float32)
+        save_file({k: (torch.randn(v.shape, generator=g) * 0.3).bfloat16() if "lora_B" in k else v
+                   for k, v in tensors.items()},
                   str(folder / "adapter_model.safetensors"))
     (root / "not-an-adapter").mkdir()
     return ckpt, hf, str(root)
