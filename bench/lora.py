@@ -253,6 +253,7 @@ def main() -> None:
     ttft_busy, busy_steps = cold_start(llm, cold_names[NUM_COLD // 2:], busy=True)
     warm = [first_token_seconds(llm, f"warm-{k}", cold_names[0], "Write a haiku about the sea.") for k in range(5)]
     base_ttft = [first_token_seconds(llm, f"base-{k}", None, "Write a haiku about the sea.") for k in range(5)]
+    lora_store = str(eng.lora.store_dtype).replace("torch.", "")
     del llm, eng
 
     def write_report() -> None:
@@ -261,7 +262,7 @@ def main() -> None:
                  f"Built-in model SmolLM2-135M-Instruct (GGUF dequantized, float32); {NUM_REQUESTS} requests, "
                  f"greedy, {NEW_TOKENS} new tokens each, all submitted at once; adapters rank 8 and 16 (alternating) "
                  f"on all seven projections, bfloat16 on disk; keel max_loras={MAX_LORAS}, "
-                 f"max_cpu_loras={MAX_LORAS}, prefix cache off; "
+                 f"max_cpu_loras={MAX_LORAS}, adapters stored as {lora_store}, prefix cache off; "
                  f"best of {args.repeat} (rounds interleaved with the base-model runs); PEFT one run.",
                  "",
                  "| distinct adapters | used by the 64 requests | keel base tok/s | keel adapters tok/s | ratio | "

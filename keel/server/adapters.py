@@ -43,8 +43,9 @@ class UnloadLoRARequest(BaseModel):
     lora_int_id: int | None = None  # accepted for vLLM clients; the name decides
 
 
-def adapter_fingerprint(base: str, path: str) -> str:
-    h = hashlib.blake2b(base.encode(), digest_size=16)
+def adapter_fingerprint(base: str, path: str, stored_as=None) -> str:
+    """stored_as: the dtype the adapter's weights are served in (LoRAConfig.lora_dtype), which can round them."""
+    h = hashlib.blake2b(f"{base}|lora_dtype={stored_as}".encode(), digest_size=16)
     for name in ADAPTER_FILES:
         f = os.path.join(path, name)
         if os.path.isfile(f):

@@ -66,7 +66,7 @@ class ServerState:
         fp = self._adapter_fps.get(adapter)
         path = self.engine.lora.path_of(adapter)
         if fp is None and path is not None:
-            fp = self._adapter_fps[adapter] = adapter_fingerprint(self.fingerprint, path)
+            fp = self._adapter_fps[adapter] = adapter_fingerprint(self.fingerprint, path, self.engine.lora.store_dtype)
         return fp or self.fingerprint
 
     def forget_fingerprint(self, adapter: str) -> None:
