@@ -280,16 +280,21 @@ class LinearLoRA:
         for s, r0, r1 in meta.overflow:
             self._rows(x, y, r0, r1, s)
 
+    pad_ranks = False  # for bench/lora.py's ablation only: the kernel computes every slot at max_rank
+
     def _apply_kernel(self, x: torch.Tensor, y: torch.Tensor, meta: LoRAMetadata) -> None:
         """keel's CPU kernel: one call for every slot with a few tokens, which reads each adapter's
         weights once and computes only real rows, with no layout gather, copy or scatter around the
         matmuls. On the 2-core AVX2 EPYC the torch ops above cost ~10-60 us each, ~15 of them per
         projection, more than the products themselves (bench/results/lora.md)."""
         slots, starts, counts = meta.kernel_slots
+        ranks = self._rank_table
+        if self.pad_ranks:  # ablation: every adapted shard at the stacks' full rank (rows past a rank are zero)
+            ranks = torch.where(ranks > 0, self.b[0].shape[1], 0).to(torch.int32)
         if slots.numel():
             x, yk = x.contiguous(), y if y.is_contiguous() else y.contiguous()
             h = torch.empty(meta.num_lora_tokens, self.a.shape[1], dtype=torch.float32)
-            self.kernel.lora(x, yk, h, self.a, self._b_ptrs, self._out_sizes, self._rank_table, self._scale_table,
+            self.kernel.lora(x, yk, h, self.a, self._b_ptrs, self._out_sizes, ranks, self._scale_table,
                              slots, starts, counts)
             if yk is not y:
                 y.copy_(yk)

@@ -177,3 +177,25 @@ def test_bfloat16_stacks_hold_bfloat16_adapters_exactly():
     full.apply(x, want, meta)
     assert (want - base).abs().max() > 1
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_kernel_rank_padding_ablation_changes_nothing_but_cost():
+    """bench/lora.py's ablation runs every slot at the stacks' full rank: rows past an adapter's rank are
+    zero, so the update is the same."""
+    from keel.kernels.cpu import kernels
+    if kernels() is None:
+        pytest.skip("keel's CPU kernels need Linux, AVX2, FMA and a C compiler")
+    layer = LinearLoRA(IN, SHARDS, MAX_LORAS, MAX_RANK, torch.float32, torch.device("cpu"))
+    g = torch.Generator().manual_seed(9)
+    for slot, ranks in enumerate([[2, 2, 2], [8, 0, 4]]):
+        for k, (r, out) in enumerate(zip(ranks, SHARDS)):
+            layer.set_slot(slot, k, *((torch.randn(r, IN, generator=g), torch.randn(r, out, generator=g))
+                                      if r else (None, None)))
+    x, base = torch.randn(5, IN, generator=g), torch.randn(5, sum(SHARDS), generator=g)
+    meta = LoRAMetadata.build([3, 2], [(0, 2)], torch.device("cpu"))
+    own, padded = base.clone(), base.clone()
+    layer.apply(x, own, meta)
+    layer.pad_ranks = True
+    layer.apply(x, padded, meta)
+    assert (own - base).abs().max() > 1
+    torch.testing.assert_close(padded, own, rtol=1e-5, atol=1e-4)
