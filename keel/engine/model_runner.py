@@ -24,6 +24,7 @@ class ModelRunner:
             attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
             attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
             self.kv_caches += [attn.k_cache, attn.v_cache]
+            attn.use_own_kernel()
         self.sampler = Sampler(device)
 
     def _lora_order(self, sched: SchedulerOutput):

@@ -25,7 +25,8 @@ import threading
 import torch
 
 log = logging.getLogger("keel.kernels")
-SOURCES = [os.path.join(os.path.dirname(__file__), f) for f in ("cpu_gemv.c", "cpu_lora.c")]
+SOURCES = [os.path.join(os.path.dirname(__file__), f) for f in (
+    "cpu_gemv.c", "cpu_lora.c", "cpu_attention.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]
 _lock = threading.Lock()
 _state: dict = {}
@@ -81,6 +82,9 @@ class CPUKernels:
         lib.keel_bf16_gemm.argtypes = [p, p, p, i64, i64, i64, c_int]
         lib.keel_rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float]
         lib.keel_rms_norm.restype = None
+        lib.keel_decode_attention_f32.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64, i64, i64,
+                                                  ctypes.c_float, c_int]
+        lib.keel_decode_attention_f32.restype = c_int
         for f in (lib.keel_lora_f32, lib.keel_lora_bf16):
             f.argtypes = [p, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, c_int]
             f.restype = None
@@ -124,6 +128,23 @@ class CPUKernels:
         fn(x.data_ptr(), y.data_ptr(), h.data_ptr(), a.data_ptr(), b_ptrs, out_sizes, ranks.data_ptr(),
            scales.data_ptr(), slots.data_ptr(), starts.data_ptr(), counts.data_ptr(), slots.shape[0], n, k,
            y.shape[1], hr // n, L, torch.get_num_threads())
+
+    def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
+                         scale: float) -> torch.Tensor:
+        """One query token per request over the paged cache (see cpu_attention.c), float32.
+        q: [B, H, D] with unit strides in its last two dims; caches [slots, KVH, D] contiguous;
+        tables int64 [B, NB]; context_lens int32 [B] -> [B, H * D]."""
+        B, H, D = q.shape
+        kvh = k_cache.shape[1]
+        out = torch.empty(B, H * D, dtype=torch.float32)
+        rc = self.lib.keel_decode_attention_f32(
+            q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+            context_lens.data_ptr(), out.data_ptr(), B, H, kvh, D, block_size, tables.shape[1], scale,
+            torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("keel's decode attention kernel could not allocate its scratch buffer")
+        return out
 
     def int4(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
              group: int) -> torch.Tensor:

@@ -1,0 +1,55 @@
+"""keel's CPU decode-attention kernel against the general path (gather + SDPA) on the same paged cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from keel.layers.attention import AttentionMetadata, PagedAttention
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 1, 16), (6, 2, 128)])
+def test_decode_kernel_matches_gather_and_sdpa(heads, kv_heads, head_dim):
+    from keel.kernels.cpu import kernels
+    if kernels() is None:
+        pytest.skip("keel's CPU kernels need Linux, AVX2, FMA and a C compiler")
+    g = torch.Generator().manual_seed(heads * head_dim)
+    block_size, num_blocks = 4, 64
+    attn = PagedAttention(heads, kv_heads, head_dim, head_dim ** -0.5)
+    shape = (num_blocks * block_size, kv_heads, head_dim)
+    attn.k_cache, attn.v_cache = torch.randn(shape, generator=g) * 2, torch.randn(shape, generator=g)
+    attn.use_own_kernel()
+    assert attn.own is not None
+    # requests with 1, 3, 4, 17 and 70 tokens in the cache after this step, blocks scattered in the pool
+    context_lens = [1, 3, 4, 17, 70]
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables, used = [], 0
+    for c in context_lens:
+        n = -(-c // block_size)
+        tables.append(perm[used:used + n])
+        used += n
+    meta = AttentionMetadata.build([1] * len(context_lens), context_lens, tables, block_size, torch.device("cpu"))
+    T = len(context_lens)
+    qk = torch.randn(T, heads + kv_heads, head_dim, generator=g) * 3  # q heads then k heads, as the models pass q
+    q, k, v = qk[:, :heads], qk[:, heads:], torch.randn(T, kv_heads, head_dim, generator=g)
+    caches = attn.k_cache.clone(), attn.v_cache.clone()
+    got = attn(q, k, v, meta)
+    attn.k_cache.copy_(caches[0])
+    attn.v_cache.copy_(caches[1])
+    attn.own = None
+    want = attn(q, k, v, meta)
+    assert got.shape == want.shape == (T, heads * head_dim)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_steps_with_longer_queries_keep_the_general_path():
+    """The kernel is for one query token per request: a step with a prefill chunk goes through SDPA."""
+    class Refuse:
+        def decode_attention(self, *args):
+            raise AssertionError("decode kernel called for a prefill step")
+    attn = PagedAttention(4, 2, 16, 0.25)
+    attn.k_cache, attn.v_cache = torch.zeros(32, 2, 16), torch.zeros(32, 2, 16)
+    attn.own = Refuse()
+    meta = AttentionMetadata.build([1, 3], [5, 3], [[0, 1], [2]], 4, torch.device("cpu"))
+    out = attn(torch.randn(4, 4, 16), torch.randn(4, 2, 16), torch.randn(4, 2, 16), meta)
+    assert out.shape == (4, 64) and torch.isfinite(out).all()
