@@ -26,7 +26,7 @@ import torch
 
 log = logging.getLogger("keel.kernels")
 SOURCES = [os.path.join(os.path.dirname(__file__), f) for f in (
-    "cpu_gemv.c", "cpu_lora.c", "cpu_attention.c")]
+    "cpu_gemv.c", "cpu_lora.c", "cpu_decode.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]
 _lock = threading.Lock()
 _state: dict = {}
@@ -85,6 +85,9 @@ class CPUKernels:
         lib.keel_decode_attention_f32.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64, i64, i64,
                                                   ctypes.c_float, c_int]
         lib.keel_decode_attention_f32.restype = c_int
+        lib.keel_silu_mul_f32.argtypes = [p, p, i64, i64]
+        lib.keel_rope_cache_f32.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64]
+        lib.keel_silu_mul_f32.restype = lib.keel_rope_cache_f32.restype = None
         for f in (lib.keel_lora_f32, lib.keel_lora_bf16):
             f.argtypes = [p, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, c_int]
             f.restype = None
@@ -132,7 +135,7 @@ class CPUKernels:
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
                          scale: float) -> torch.Tensor:
-        """One query token per request over the paged cache (see cpu_attention.c), float32.
+        """One query token per request over the paged cache (see cpu_decode.c), float32.
         q: [B, H, D] with unit strides in its last two dims; caches [slots, KVH, D] contiguous;
         tables int64 [B, NB]; context_lens int32 [B] -> [B, H * D]."""
         B, H, D = q.shape
@@ -145,6 +148,21 @@ class CPUKernels:
         if rc != 0:
             raise MemoryError("keel's decode attention kernel could not allocate its scratch buffer")
         return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up float32 [M, 2 I] contiguous -> silu(gate) * up [M, I]."""
+        m, i2 = gate_up.shape
+        out = torch.empty(m, i2 // 2, dtype=torch.float32)
+        self.lib.keel_silu_mul_f32(gate_up.data_ptr(), out.data_ptr(), m, i2 // 2)
+        return out
+
+    def rope_and_cache(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int) -> None:
+        """Rotate the q and k heads of qkv float32 [T, (H + 2 KVH) * D] in place (rotate-half), then write
+        k and v to the caches [slots, KVH, D] at slots int64 [T]; cos, sin float32 [T, D / 2] contiguous."""
+        t, d = qkv.shape[0], k_cache.shape[2]
+        self.lib.keel_rope_cache_f32(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
+                                     k_cache.data_ptr(), v_cache.data_ptr(), t, heads, kv_heads, d)
 
     def int4(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
              group: int) -> torch.Tensor:

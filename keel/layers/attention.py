@@ -78,10 +78,12 @@ class PagedAttention(nn.Module):
               and self.head_dim % 8 == 0 and self.head_dim <= 256 and self.num_heads // self.num_kv_heads <= 16)
         self.own = kernels() if ok else None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        # q: [T, H, D]; k, v: [T, KVH, D] -> [T, H * D]
-        self.k_cache.index_copy_(0, meta.slot_mapping, k)
-        self.v_cache.index_copy_(0, meta.slot_mapping, v)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                cached: bool = False) -> torch.Tensor:
+        # q: [T, H, D]; k, v: [T, KVH, D] -> [T, H * D]; cached: k and v are already in their cache slots
+        if not cached:
+            self.k_cache.index_copy_(0, meta.slot_mapping, k)
+            self.v_cache.index_copy_(0, meta.slot_mapping, v)
         B, Q, H, D = meta.batch_size, meta.max_query_len, self.num_heads, self.head_dim
         if (self.own is not None and Q == 1 and meta.context_lens is not None and q.dtype == torch.float32
                 and q.stride(2) == 1 and q.stride(1) == D):

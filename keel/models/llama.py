@@ -34,7 +34,15 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope, meta: AttentionMetadata,
                 lora: LoRAMetadata | None = None) -> torch.Tensor:
         T, H, KVH, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x, lora).view(T, H + 2 * KVH, D)
+        qkv = self.qkv_proj(x, lora)
+        own = self.attn.own  # keel's CPU kernels for a float32 cache (see PagedAttention.use_own_kernel)
+        if own is not None and not self.qk_norm and qkv.is_contiguous() and rope[0].is_contiguous():
+            # One pass: q and k rotated in place, k and v written to their cache slots.
+            own.rope_and_cache(qkv, rope[0], rope[1], meta.slot_mapping, self.attn.k_cache, self.attn.v_cache, H, KVH)
+            qkv = qkv.view(T, H + 2 * KVH, D)
+            out = self.attn(qkv[:, :H], qkv[:, H:H + KVH], qkv[:, H + KVH:], meta, cached=True)
+            return self.o_proj(out, lora)
+        qkv = qkv.view(T, H + 2 * KVH, D)
         qk, v = qkv[:, :H + KVH], qkv[:, H + KVH:]
         if self.qk_norm:
             qk = torch.cat((self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])), dim=1)
@@ -51,8 +59,16 @@ class MLP(nn.Module):
                                    bias=cfg.mlp_bias, dtype=dtype, device=device)
         self.down_proj = Linear(self.inter, cfg.hidden_size, bias=cfg.mlp_bias, dtype=dtype, device=device)
 
+    own = None  # keel's CPU kernels (keel.kernels.cpu) once checked; False: not used
+
     def forward(self, x: torch.Tensor, lora: LoRAMetadata | None = None) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, lora).split(self.inter, dim=-1)
+        gate_up = self.gate_up_proj(x, lora)
+        if self.own is None:
+            from keel.kernels.cpu import kernels
+            self.own = (kernels() if x.device.type == "cpu" else None) or False
+        if self.own and gate_up.dtype == torch.float32 and gate_up.is_contiguous():
+            return self.down_proj(self.own.silu_mul(gate_up), lora)  # one pass, no split, no temporaries
+        gate, up = gate_up.split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up, lora)
 
 

@@ -1,4 +1,4 @@
-"""keel's CPU decode-attention kernel against the general path (gather + SDPA) on the same paged cache."""
+"""keel's CPU decode-step kernels (cpu_decode.c) against the torch ops they replace."""
 
 from __future__ import annotations
 
@@ -53,3 +53,36 @@ def test_steps_with_longer_queries_keep_the_general_path():
     meta = AttentionMetadata.build([1, 3], [5, 3], [[0, 1], [2]], 4, torch.device("cpu"))
     out = attn(torch.randn(4, 4, 16), torch.randn(4, 2, 16), torch.randn(4, 2, 16), meta)
     assert out.shape == (4, 64) and torch.isfinite(out).all()
+
+
+def test_rope_and_cache_write_match_torch():
+    """Rotary embedding of q and k in place plus the cache write, against keel's torch rotation and
+    index_copy_; head_dim 20 leaves a remainder past the 8-wide vectors."""
+    from keel.kernels.cpu import kernels
+    from keel.layers.rotary import RotaryEmbedding
+    own = kernels()
+    if own is None:
+        pytest.skip("keel's CPU kernels need Linux, AVX2, FMA and a C compiler")
+    T, H, KVH, D = 5, 4, 2, 20
+    g = torch.Generator().manual_seed(1)
+    rope = RotaryEmbedding(D, 128, 10000.0, None).lookup(torch.tensor([0, 3, 7, 64, 127]))
+    qkv = torch.randn(T, (H + 2 * KVH) * D, generator=g)
+    want = qkv.view(T, H + 2 * KVH, D).clone()
+    want[:, :H + KVH] = RotaryEmbedding.apply(rope, want[:, :H + KVH])
+    slots = torch.tensor([9, 2, 40, 41, 17])
+    k_cache, v_cache = torch.zeros(64, KVH, D), torch.zeros(64, KVH, D)
+    own.rope_and_cache(qkv, rope[0], rope[1], slots, k_cache, v_cache, H, KVH)
+    torch.testing.assert_close(qkv.view(T, H + 2 * KVH, D), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k_cache[slots], want[:, H:H + KVH], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(v_cache[slots], want[:, H + KVH:])
+    assert k_cache.abs().sum(dim=(1, 2)).count_nonzero() == T  # nothing written elsewhere
+
+
+def test_silu_mul_matches_torch():
+    from keel.kernels.cpu import kernels
+    own = kernels()
+    if own is None:
+        pytest.skip("keel's CPU kernels need Linux, AVX2, FMA and a C compiler")
+    gate_up = torch.randn(7, 2 * 37, generator=torch.Generator().manual_seed(2)) * 20  # large |x| too
+    gate, up = gate_up.split(37, dim=-1)
+    torch.testing.assert_close(own.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, rtol=2e-6, atol=1e-6)

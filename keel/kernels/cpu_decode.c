@@ -1,6 +1,9 @@
-/* Decode attention over the paged KV cache, float32, on x86 CPUs with AVX2 and FMA: one query token per
- * request reads its keys and values where they lie in the cache blocks. keel/layers/attention.py calls
- * it through keel/kernels/cpu.py for steps where every request decodes one token, and says why.
+/* The small ops of a float32 decode step around the matmuls, on x86 CPUs with AVX2 and FMA, each one
+ * pass where PyTorch runs several ops and copies: attention over the paged KV cache, rotary embedding
+ * with the cache write, SiLU-and-multiply. Called through keel/kernels/cpu.py.
+ *
+ * Decode attention: one query token per request reads its keys and values where they lie in the cache
+ * blocks. keel/layers/attention.py uses it for steps where every request decodes one token.
  *
  * For request b and query head h (kv head h / G, G = H / KVH):
  *   s[p] = scale * q[b, h] . k[slot(b, p), h / G]      p < ctx[b], slot from b's block table
@@ -12,14 +15,15 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define MAXG 16
 #define MAXD 256
 
-/* e^x for x <= 0 (scores minus their maximum), 8 at a time: x = n ln2 + f with |f| <= ln2 / 2,
- * e^f by its Taylor series to f^7 (relative error < 2e-7 there), times 2^n built in the exponent bits. */
+/* e^x, 8 at a time, x clamped to [-87, 88]: x = n ln2 + f with |f| <= ln2 / 2, e^f by its Taylor
+ * series to f^7 (relative error < 2e-7 there), times 2^n built in the exponent bits. */
 static inline __m256 exp8(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x); /* ln2 in two parts: exact n*hi */
@@ -103,4 +107,49 @@ int keel_decode_attention_f32(const float *q, int64_t ldq, const float *kc, cons
             free(s);
         }
     return failed ? -1 : 0;
+}
+
+/* out[m, i] = silu(gu[m, i]) * gu[m, I + i]: the gate and up halves of a fused gate_up projection. */
+void keel_silu_mul_f32(const float *gu, float *out, int64_t M, int64_t I) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *g = gu + m * 2 * I, *u = g + I;
+        float *o = out + m * I;
+        int64_t i = 0;
+        for (; i + 8 <= I; i += 8) {
+            __m256 x = _mm256_loadu_ps(g + i);
+            __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+            __m256 s = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+        }
+        for (; i < I; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+}
+
+/* Rotary embedding (rotate-half layout) of the q and k heads of a fused qkv row, in place, then k and
+ * v written to their cache slots. qkv [T, (H + 2 KVH) * D]; cos, sin [T, D / 2]; slots [T] int64;
+ * caches [slots, KVH, D]. */
+void keel_rope_cache_f32(float *qkv, const float *cos_t, const float *sin_t, const int64_t *slots,
+                         float *kc, float *vc, int64_t T, int64_t H, int64_t KVH, int64_t D) {
+    int64_t half = D / 2, row = (H + 2 * KVH) * D;
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos_t + t * half, *s = sin_t + t * half;
+        for (int64_t h = 0; h < H + KVH; h++) {
+            float *x1 = qkv + t * row + h * D, *x2 = x1 + half;
+            int64_t i = 0;
+            for (; i + 8 <= half; i += 8) {
+                __m256 a = _mm256_loadu_ps(x1 + i), b = _mm256_loadu_ps(x2 + i);
+                __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
+                _mm256_storeu_ps(x1 + i, _mm256_fmsub_ps(a, cv, _mm256_mul_ps(b, sv)));
+                _mm256_storeu_ps(x2 + i, _mm256_fmadd_ps(b, cv, _mm256_mul_ps(a, sv)));
+            }
+            for (; i < half; i++) {
+                float a = x1[i], b = x2[i];
+                x1[i] = a * c[i] - b * s[i];
+                x2[i] = b * c[i] + a * s[i];
+            }
+        }
+        const float *k = qkv + t * row + H * D, *v = k + KVH * D;
+        memcpy(kc + slots[t] * KVH * D, k, sizeof(float) * KVH * D);
+        memcpy(vc + slots[t] * KVH * D, v, sizeof(float) * KVH * D);
+    }
 }
