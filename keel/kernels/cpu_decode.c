@@ -18,7 +18,6 @@
 #include <string.h>
 
 #define MAXG 16
-#define MAXD 256
 
 /* e^x, 8 at a time, x clamped to [-87, 88]: x = n ln2 + f with |f| <= ln2 / 2, e^f by its Taylor
  * series to f^7 (relative error < 2e-7 there), times 2^n built in the exponent bits. */
@@ -47,6 +46,13 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* The 8 sums of 8 vectors, as one vector (a transposing reduction). */
+static inline __m256 reduce8(const __m256 a[8]) {
+    __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
 /* q: [B, ldq] rows holding H heads of D at the start; caches [slots, KVH, D]; tables [B, NB] int64;
  * ctx [B] int32 (> 0); out [B, H * D]. D % 8 == 0, D <= MAXD, H / KVH <= MAXG. Returns 0, or -1 when a
  * scratch buffer could not be allocated (out is then incomplete). */
@@ -60,20 +66,30 @@ int keel_decode_attention_f32(const float *q, int64_t ldq, const float *kc, cons
         for (int64_t kh = 0; kh < KVH; kh++) {
             int64_t n = ctx[b], n8 = (n + 7) & ~(int64_t)7;
             float *s = malloc(sizeof(float) * G * n8);
-            if (s == NULL) {
+            int64_t *row = malloc(sizeof(int64_t) * n); /* offset of position p's k / v row in the caches */
+            if (s == NULL || row == NULL) {
+                free(s);
+                free(row);
                 failed = 1;
                 continue;
             }
             const int64_t *table = tables + b * NB;
+            for (int64_t p = 0; p < n; p++) row[p] = ((table[p / bs] * bs + p % bs) * KVH + kh) * D;
             const float *qh = q + b * ldq + kh * G * D;
-            for (int64_t p = 0; p < n; p++) {
-                int64_t slot = table[p / bs] * bs + p % bs;
-                const float *k = kc + (slot * KVH + kh) * D;
+            __m256 sc = _mm256_set1_ps(scale);
+            /* scores, 8 positions at a time: 8 accumulators, reduced together (positions past n repeat
+             * the last one; their scores are overwritten below) */
+            for (int64_t p0 = 0; p0 < n; p0 += 8) {
+                const float *kp[8];
+                for (int j = 0; j < 8; j++) kp[j] = kc + row[p0 + j < n ? p0 + j : n - 1];
                 for (int64_t g = 0; g < G; g++) {
-                    __m256 acc = _mm256_setzero_ps();
-                    for (int64_t d = 0; d < D; d += 8)
-                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + g * D + d), _mm256_loadu_ps(k + d), acc);
-                    s[g * n8 + p] = hsum(acc) * scale;
+                    __m256 acc[8];
+                    for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+                    for (int64_t d = 0; d < D; d += 8) {
+                        __m256 qv = _mm256_loadu_ps(qh + g * D + d);
+                        for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp[j] + d), acc[j]);
+                    }
+                    _mm256_storeu_ps(s + g * n8 + p0, _mm256_mul_ps(reduce8(acc), sc));
                 }
             }
             float inv[MAXG];
@@ -89,22 +105,24 @@ int keel_decode_attention_f32(const float *q, int64_t ldq, const float *kc, cons
                 }
                 inv[g] = 1.0f / hsum(sum);
             }
-            float acc[MAXG * MAXD];
-            for (int64_t i = 0; i < G * D; i++) acc[i] = 0.0f;
-            for (int64_t p = 0; p < n; p++) {
-                int64_t slot = table[p / bs] * bs + p % bs;
-                const float *v = vc + (slot * KVH + kh) * D;
-                for (int64_t g = 0; g < G; g++) {
-                    __m256 w = _mm256_set1_ps(s[g * n8 + p]);
-                    float *a = acc + g * D;
-                    for (int64_t d = 0; d < D; d += 8)
-                        _mm256_storeu_ps(a + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(v + d), _mm256_loadu_ps(a + d)));
-                }
-            }
+            /* weighted values: 64 output dims of one head in 8 registers over all positions */
             float *o = out + b * H * D + kh * G * D;
             for (int64_t g = 0; g < G; g++)
-                for (int64_t d = 0; d < D; d++) o[g * D + d] = acc[g * D + d] * inv[g];
+                for (int64_t d0 = 0; d0 < D; d0 += 64) {
+                    int nv = (int)((D - d0 < 64 ? D - d0 : 64) / 8);
+                    __m256 acc[8];
+                    for (int v = 0; v < 8; v++) acc[v] = _mm256_setzero_ps();
+                    const float *sg = s + g * n8;
+                    for (int64_t p = 0; p < n; p++) {
+                        __m256 w = _mm256_set1_ps(sg[p]);
+                        const float *vr = vc + row[p] + d0;
+                        for (int v = 0; v < nv; v++) acc[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + 8 * v), acc[v]);
+                    }
+                    __m256 iv = _mm256_set1_ps(inv[g]);
+                    for (int v = 0; v < nv; v++) _mm256_storeu_ps(o + g * D + d0 + 8 * v, _mm256_mul_ps(acc[v], iv));
+                }
             free(s);
+            free(row);
         }
     return failed ? -1 : 0;
 }
