@@ -40,8 +40,12 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_waiting: int = 256) -> None:
+    def __init__(self, engine: LLMEngine, max_waiting: int = 256, num_threads: int | None = None) -> None:
+        """num_threads: torch's thread count, set from the engine thread before its first step (see
+        keel.cli.cmd_serve, which loads the model with one thread so that only this thread starts an
+        OpenMP pool)."""
         self.engine = engine
+        self.num_threads = num_threads
         self.max_waiting = max_waiting
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, _Stream] = {}
@@ -135,6 +139,9 @@ class AsyncEngine:
         return True
 
     def _loop(self) -> None:
+        if self.num_threads:
+            import torch
+            torch.set_num_threads(self.num_threads)
         try:
             while True:
                 block = not self.engine.has_unfinished_requests()

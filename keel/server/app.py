@@ -125,14 +125,15 @@ async def require_api_key(request: Request) -> None:
 
 def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None = None,
                max_waiting: int = DEFAULT_MAX_WAITING, allow_lora_updates: bool = True,
-               embedding_model: EmbeddingModel | None = None) -> FastAPI:
+               embedding_model: EmbeddingModel | None = None, engine_threads: int | None = None) -> FastAPI:
     """embedding_model: served by POST /v1/embeddings under its own name (None: no embeddings).
     allow_lora_updates: POST /v1/load_lora_adapter and /v1/unload_lora_adapter work (when the
     engine serves LoRA adapters); they read folders on the server's disk, so turn them off where
-    holders of the API key should not choose what the server reads."""
+    holders of the API key should not choose what the server reads.
+    engine_threads: torch's thread count, set from the engine thread (see AsyncEngine)."""
     from keel.server import adapters, chat, completions, embeddings  # these import this module
 
-    aeng = AsyncEngine(engine, max_waiting=max_waiting)
+    aeng = AsyncEngine(engine, max_waiting=max_waiting, num_threads=engine_threads)
     state = ServerState(engine, aeng, served_model_name, api_key or None, system_fingerprint(engine),
                         created_time(engine), allow_lora_updates=allow_lora_updates)
     if embedding_model is not None:

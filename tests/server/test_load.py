@@ -125,3 +125,33 @@ def test_cancel_while_the_engine_takes_the_request(tiny_ckpt):
         assert not engine.has_unfinished_requests() and engine.pool.num_free == engine.pool.num_blocks
     finally:
         aeng.shutdown()
+
+
+def test_engine_thread_sets_its_thread_count(tiny_ckpt):
+    """keel serve loads the model with one torch thread (no OpenMP pool on the main thread) and the
+    engine thread restores the machine's count before its first step (see keel.cli.cmd_serve)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = tiny_engine(tiny_ckpt)
+        seen, step = set(), engine.step
+
+        def counting_step():
+            seen.add(torch.get_num_threads())
+            return step()
+        engine.step = counting_step
+        aeng = AsyncEngine(engine, num_threads=2)
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+        async def main():
+            out = None
+            async for out in aeng.generate("r", [5, 6, 7], params):
+                pass
+            return out
+        out = asyncio.run(main())
+        assert len(out.outputs[0].token_ids) == 4
+        # OpenMP's thread count is per thread: the engine thread steps with 2, the main thread keeps 1
+        assert seen == {2} and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
