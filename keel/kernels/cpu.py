@@ -25,6 +25,7 @@ import threading
 import torch
 
 log = logging.getLogger("keel.kernels")
+HEADER = os.path.join(os.path.dirname(__file__), "cpu_simd.h")  # included by the sources
 SOURCES = [os.path.join(os.path.dirname(__file__), f) for f in (
     "cpu_gemv.c", "cpu_lora.c", "cpu_decode.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]
@@ -46,7 +47,7 @@ def _supported() -> bool:
 
 def _compile() -> str | None:
     src = b""
-    for path in SOURCES:
+    for path in SOURCES + [HEADER]:
         with open(path, "rb") as f:
             src += f.read()
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")

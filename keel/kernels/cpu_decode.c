@@ -11,6 +11,7 @@
  * Work is split across OpenMP threads by (request, kv head): the G query heads sharing a kv head read
  * each key and value row once.
  */
+#include "cpu_simd.h"
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -37,13 +38,6 @@ static inline __m256 exp8(__m256 x) {
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 /* The 8 sums of 8 vectors, as one vector (a transposing reduction). */

@@ -6,26 +6,12 @@
  * every activation row, so memory traffic is the quantized bytes and the activations stay float32.
  * Output rows are split across OpenMP threads (the same libgomp runtime torch uses).
  */
+#include "cpu_simd.h"
 #include <immintrin.h>
 #include <stdint.h>
 #include <math.h>
-#include <string.h>
 
 #define MBLK 4 /* activation rows per pass: 2 accumulators each, 8 of AVX2's 16 registers */
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 /* y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]   (x [M, K], w int8 [N, K], y [M, N]); K % 16 == 0 */
 void keel_int8_gemm(const float *x, const int8_t *w, const float *scale, float *y,

@@ -13,21 +13,14 @@
  * computed once and no padded row is, and nothing is gathered, copied or scattered around the two
  * products. Work is split across OpenMP threads by (slot, 4 rows of a) and (slot, shard, 512 columns).
  */
+#include "cpu_simd.h"
 #include <immintrin.h>
 #include <stdint.h>
-#include <string.h>
 
 #define TB 4  /* token rows per pass */
 #define RB 2  /* rows of a per shrink item (with few slots): RB * 2 */
 #define CW 512 /* output columns per expand item */
 #define MAXN 8
-
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* 8 weights widened to float32: float32 as is, bfloat16 by a shift (it is a float32's top half) */
 static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
@@ -36,12 +29,7 @@ static inline __m256 load8_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
 static inline float load1_f32(const float *p) { return *p; }
-static inline float load1_bf16(const uint16_t *p) {
-    uint32_t u = (uint32_t)*p << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
+static inline float load1_bf16(const uint16_t *p) { return bf16_to_f32(*p); }
 
 static inline int slot_rank(const int32_t *ranks, int64_t n, int64_t L, int64_t s) {
     int r = 0;
@@ -76,7 +64,7 @@ static inline __attribute__((always_inline)) void shrink_block_##SUF( \
     } \
     for (int i = 0; i < rb; i++) \
         for (int t = 0; t < tb; t++) { \
-            float v = hsum8(acc[i][t]); \
+            float v = hsum(acc[i][t]); \
             for (int64_t j = in8; j < in; j++) v += LOAD1(ar[i] + j) * xt[t][j]; \
             h[(t0 + t) * hr + r + i] = v; \
         } \

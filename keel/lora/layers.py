@@ -142,14 +142,21 @@ class LoRAMetadata:
         return cls(S, C, n, groups, t(gather), t(src), t(dst), overflow)
 
 
+def _cpu_kernel(dtype: torch.dtype, device: torch.device):
+    """keel's CPU kernels where the batched update can use them (a float32 model on the CPU), else None."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return None
+    from keel.kernels.cpu import kernels
+    return kernels()
+
+
 def lora_store_dtype(lora_dtype: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype resident adapter stacks hold (see LoRAConfig.lora_dtype).
 
     "auto" under a float32 model on a CPU with keel's kernel is bfloat16: the batched update streams
     every active adapter's weights each step, which at 64 requests over 27 adapters was ~400 MB a
     step in float32 (bench/results/lora.md); bfloat16 halves it, and the kernel widens it exactly."""
-    from keel.kernels.cpu import kernels
-    kernel = device.type == "cpu" and dtype == torch.float32 and kernels() is not None
+    kernel = _cpu_kernel(dtype, device) is not None
     if lora_dtype == "auto":
         return torch.bfloat16 if kernel else dtype
     want = getattr(torch, lora_dtype)
@@ -186,10 +193,7 @@ class LinearLoRA:
         self.b = [torch.zeros(max_loras, max_rank, size, dtype=store_dtype, device=device) for size in shard_sizes]
         self.ranks = [[0] * max_loras for _ in shard_sizes]
         self.slot_rank = [0] * max_loras  # largest rank of the slot over its shards
-        self.kernel = None  # keel's CPU kernel (keel.kernels.cpu), float32 on CPU only
-        if device.type == "cpu" and dtype == torch.float32:
-            from keel.kernels.cpu import kernels
-            self.kernel = kernels()
+        self.kernel = _cpu_kernel(dtype, device)  # keel's CPU kernel (keel.kernels.cpu), or None
         self.folded = store_dtype == dtype  # the scale is folded into b; else it is in scales[k][slot]
         if not self.folded and (self.kernel is None or store_dtype != torch.bfloat16):
             raise ValueError(f"LoRA weights stored as {store_dtype} under a {dtype} model need keel's CPU "
