@@ -16,8 +16,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="auto (default: bfloat16 on GPUs and on CPUs with bf16 instructions, else float32), float32, bfloat16, float16")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt plus output, in tokens")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="quantize the linear projections' weights as they load")
+    p.add_argument("--quantize", choices=["int8", "int4", "gguf", "none"], default=None,
+                   help="quantize the linear projections' weights as they load (int8, int4); gguf keeps a GGUF "
+                        "file's Q4_0/Q4_1/Q8_0 blocks (the default for such files on CPU), none dequantizes them")
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:

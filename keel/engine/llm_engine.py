@@ -41,12 +41,30 @@ class _Group:
     adapter_id: int | None = None
 
 
+def default_gguf_quantization(ckpt, device: torch.device, dtype: torch.dtype):
+    """A GGUF file's weights in Q4_0/Q4_1/Q8_0 blocks are served as they are (QuantConfig("gguf")) on a
+    CPU where keel's kernels compute a float32 model with them: what llama.cpp and Ollama users expect,
+    the file's weights exactly (scales and zeros kept in float16), a quarter to a sixth of the memory of
+    dequantized float32, and faster decoding (bench/results/decode.md). Elsewhere (GPUs, bfloat16, no
+    kernels) the blocks are dequantized as before. None: dequantize."""
+    from keel.kernels.cpu import kernels
+    from keel.quant.config import QuantConfig
+    from keel.quant.gguf_blocks import DIRECT_TYPES
+    if not ckpt.tensor_types or device.type != "cpu" or dtype != torch.float32 or kernels() is None:
+        return None
+    if not any(t in DIRECT_TYPES for t in ckpt.tensor_types.values()):
+        return None
+    return QuantConfig("gguf")
+
+
 class LLMEngine:
     def __init__(self, model: str | None = None, *, dtype=None, device: str | None = None,
                  cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None,
                  max_model_len: int | None = None, quantization=None, lora: LoRAConfig | None = None) -> None:
-        """quantization: None, "int8", "int4" or a keel.quant.QuantConfig (weight-only, at load; a
-        checkpoint written by `keel quantize` is quantized already and needs none).
+        """quantization: "int8", "int4" or a keel.quant.QuantConfig (weight-only, at load; a checkpoint
+        written by `keel quantize` is quantized already and needs none); "gguf" keeps a GGUF file's
+        Q4_0/Q4_1/Q8_0 blocks as they are, "none" dequantizes them; None: "gguf" for a GGUF file with such
+        blocks where keel's CPU kernels serve a float32 model (see default_gguf_quantization), else none.
         lora: serve LoRA adapters (see add_lora); None: base model only."""
         self.device = pick_device(device)
         if self.device.type == "cpu":
@@ -54,9 +72,12 @@ class LLMEngine:
             # slower; flushing them to zero changes results by less than float32 rounding does.
             torch.set_flush_denormal(True)
         self.dtype = parse_dtype(dtype, self.device)
+        auto_quantization = quantization is None
         quantization = parse_quantization(quantization)
         self.model_path = resolve_model(model)
         ckpt = open_checkpoint(self.model_path)
+        if auto_quantization:
+            quantization = default_gguf_quantization(ckpt, self.device, self.dtype)
         self.model_name = DEFAULT_MODEL_NAME if model is None else ckpt.name
         self.model_config = cfg = ckpt.config
         self.tokenizer = ckpt.tokenizer

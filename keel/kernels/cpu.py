@@ -1,13 +1,14 @@
-"""keel's own CPU kernels (cpu_gemv.c): int8 / int4 / bfloat16 weights times a few float32 rows.
+"""keel's own CPU kernels: matmuls of a few float32 rows by float32 / bfloat16 / int8 / int4 weights
+(cpu_gemm.c), batched LoRA (cpu_lora.c) and the small ops of a decode step (cpu_decode.c).
 
-Why: PyTorch's weight-only CPU operators (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) have a fast
-path only for bfloat16 activations, so a float32 model had to round its activations to bfloat16 around
-them, and they are compute-bound on AVX2 CPUs without VNNI. A decode step reads every weight once for
-one or a few rows; what matters then is reading the quantized bytes at memory speed, which a plain
-widen-and-FMA loop does. The same holds for a bfloat16 model on a CPU without bf16 instructions, where
-F.linear in bfloat16 is slower than float32 (bench/results/kernels.md). The C file is compiled with the system's C compiler at first use (under a
-second) into a cache folder and loaded with ctypes; without a compiler, AVX2 or FMA, `kernels()` is None
-and the layers keep PyTorch's operators. KEEL_NO_CPU_KERNELS=1 turns it off.
+Why: a decode step multiplies 1 to a few dozen rows by every weight. oneDNN and MKL are tuned for big
+matrices; at these sizes a register-tiled loop that reads each weight once, in the format it is stored
+in, is faster (bench/results/cpu_kernels.md). PyTorch's weight-only CPU operators (_weight_int8pack_mm,
+_weight_int4pack_mm_for_cpu) have a fast path only for bfloat16 activations, so a float32 model had to
+round its activations around them, and bfloat16 F.linear on a CPU without bf16 instructions is slower
+than float32. The C files are compiled with the system's C compiler at first use (a few seconds) into
+a cache folder and loaded with ctypes; without a compiler, AVX2 or FMA, `kernels()` is None and the
+layers keep PyTorch's operators. KEEL_NO_CPU_KERNELS=1 turns them off.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ import torch
 log = logging.getLogger("keel.kernels")
 HEADER = os.path.join(os.path.dirname(__file__), "cpu_simd.h")  # included by the sources
 SOURCES = [os.path.join(os.path.dirname(__file__), f) for f in (
-    "cpu_gemv.c", "cpu_lora.c", "cpu_decode.c")]
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]
+    "cpu_gemm.c", "cpu_lora.c", "cpu_decode.c")]
+# Weight formats of CPUKernels.gemm (the enum of cpu_gemm.c)
+W_F32, W_BF16, W_INT4, W_INT8G = 0, 1, 2, 3
+_SCALE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-lm"]
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -42,7 +46,7 @@ def _supported() -> bool:
     if os.environ.get("KEEL_NO_CPU_KERNELS") or sys.platform != "linux":
         return False
     from keel.engine.device import cpu_flags
-    return {"avx2", "fma"} <= cpu_flags()
+    return {"avx2", "fma", "f16c"} <= cpu_flags()
 
 
 def _compile() -> str | None:
@@ -78,9 +82,8 @@ class CPUKernels:
     def __init__(self, path: str) -> None:
         lib = ctypes.CDLL(path)
         p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.keel_int8_gemm.argtypes = [p, p, p, p, i64, i64, i64, c_int]
-        lib.keel_int4_gemm.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, c_int]
-        lib.keel_bf16_gemm.argtypes = [p, p, p, i64, i64, i64, c_int]
+        lib.keel_gemm.argtypes = [p, c_int, p, p, p, c_int, i64, p, i64, i64, i64, c_int]
+        lib.keel_gemm.restype = c_int
         lib.keel_rms_norm.argtypes = [p, p, p, i64, i64, ctypes.c_float]
         lib.keel_rms_norm.restype = None
         lib.keel_decode_attention_f32.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64, i64, i64,
@@ -92,24 +95,25 @@ class CPUKernels:
         for f in (lib.keel_lora_f32, lib.keel_lora_bf16):
             f.argtypes = [p, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, c_int]
             f.restype = None
-        lib.keel_int8_gemm.restype = lib.keel_int4_gemm.restype = lib.keel_bf16_gemm.restype = None
         self.lib = lib
 
-    def int8(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        """x float32 [M, K] contiguous, qweight int8 [N, K], scales float32 [N] -> float32 [M, N]."""
+    def gemm(self, x: torch.Tensor, fmt: int, w: torch.Tensor, scale: torch.Tensor | None = None,
+             zero: torch.Tensor | None = None, group: int = 0) -> torch.Tensor:
+        """x float32 [M, K] contiguous times wᵀ -> float32 [M, N], w [N, ...] stored as `fmt` (see
+        cpu_gemm.c): W_F32 / W_BF16 [N, K]; W_INT4 packed uint8 [N, K / 2] with scale and zero
+        [N, K / group]; W_INT8G int8 [N, K] with scale [N, K / group]. Scales and zeros float32, bfloat16 or
+        float16, both of one dtype. All contiguous."""
         m, k = x.shape
-        n = qweight.shape[0]
+        n = w.shape[0]
         y = torch.empty(m, n, dtype=torch.float32)
-        self.lib.keel_int8_gemm(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), y.data_ptr(), m, n, k,
+        sdtype = 0 if scale is None else _SCALE_DTYPES[scale.dtype]
+        if zero is not None and zero.dtype != scale.dtype:
+            raise TypeError("scale and zero must have one dtype")
+        rc = self.lib.keel_gemm(x.data_ptr(), fmt, w.data_ptr(), None if scale is None else scale.data_ptr(),
+                                None if zero is None else zero.data_ptr(), sdtype, group, y.data_ptr(), m, n, k,
                                 torch.get_num_threads())
-        return y
-
-    def bf16(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x float32 [M, K] contiguous, weight bfloat16 [N, K] contiguous -> float32 [M, N]."""
-        m, k = x.shape
-        n = weight.shape[0]
-        y = torch.empty(m, n, dtype=torch.float32)
-        self.lib.keel_bf16_gemm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("keel's matmul kernel could not allocate its scratch buffer")
         return y
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -164,17 +168,6 @@ class CPUKernels:
         t, d = qkv.shape[0], k_cache.shape[2]
         self.lib.keel_rope_cache_f32(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
                                      k_cache.data_ptr(), v_cache.data_ptr(), t, heads, kv_heads, d)
-
-    def int4(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-             group: int) -> torch.Tensor:
-        """x float32 [M, K]; packed uint8 [N, K / 2]; scales, zeros bfloat16 [N, K / group]."""
-        m, k = x.shape
-        n = packed.shape[0]
-        y = torch.empty(m, n, dtype=torch.float32)
-        xsum = torch.empty(m, k // group, dtype=torch.float32)
-        self.lib.keel_int4_gemm(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
-                                xsum.data_ptr(), y.data_ptr(), m, n, k, group, torch.get_num_threads())
-        return y
 
 
 def kernels() -> CPUKernels | None:

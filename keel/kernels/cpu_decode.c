@@ -1,6 +1,6 @@
 /* The small ops of a float32 decode step around the matmuls, on x86 CPUs with AVX2 and FMA, each one
  * pass where PyTorch runs several ops and copies: attention over the paged KV cache, rotary embedding
- * with the cache write, SiLU-and-multiply. Called through keel/kernels/cpu.py.
+ * with the cache write, SiLU-and-multiply, RMSNorm. Called through keel/kernels/cpu.py.
  *
  * Decode attention: one query token per request reads its keys and values where they lie in the cache
  * blocks. keel/layers/attention.py uses it for steps where every request decodes one token.
@@ -163,5 +163,27 @@ void keel_rope_cache_f32(float *qkv, const float *cos_t, const float *sin_t, con
         const float *k = qkv + t * row + H * D, *v = k + KVH * D;
         memcpy(kc + slots[t] * KVH * D, k, sizeof(float) * KVH * D);
         memcpy(vc + slots[t] * KVH * D, v, sizeof(float) * KVH * D);
+    }
+}
+
+/* y[m] = x[m] / sqrt(mean(x[m]^2) + eps) * w   (float32 [M, D]): RMSNorm in one pass over each row. */
+void keel_rms_norm(const float *x, const float *w, float *y, int64_t M, int64_t D, float eps) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * D;
+        float *ym = y + m * D;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k + 16 <= D; k += 16) {
+            __m256 v0 = _mm256_loadu_ps(xm + k), v1 = _mm256_loadu_ps(xm + k + 8);
+            a0 = _mm256_fmadd_ps(v0, v0, a0);
+            a1 = _mm256_fmadd_ps(v1, v1, a1);
+        }
+        float ss = hsum(_mm256_add_ps(a0, a1));
+        for (; k < D; k++) ss += xm[k] * xm[k];
+        float r = 1.0f / sqrtf(ss / (float)D + eps);
+        __m256 rv = _mm256_set1_ps(r);
+        for (k = 0; k + 8 <= D; k += 8)
+            _mm256_storeu_ps(ym + k, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xm + k), rv), _mm256_loadu_ps(w + k)));
+        for (; k < D; k++) ym[k] = xm[k] * r * w[k];
     }
 }

@@ -14,11 +14,15 @@ from torch import nn
 
 from keel.errors import ModelLoadError
 
-# Rows up to which a bfloat16 layer on a CPU without bf16 matmuls uses keel's kernel (see _use_own_bf16).
-# Cold weights, 3072x576, microseconds (bench/results/cpu_kernels.md): keel 187 / 260 / 1012 / 3783 at
-# 1 / 4 / 16 / 64 rows against bf16 F.linear's 245 / 882 / 3501 / 12698. More rows widen the weight to
-# float32 and run the float32 matmul: 128 rows 5.8 ms, widening included, against 27.6 ms for bf16
-# F.linear (same machine, one hot weight).
+# Rows up to which a CPU layer uses keel's matmul (keel/kernels/cpu_gemm.c, see _use_own); more rows go
+# to F.linear (MKL). float32, 2-core AVX2 EPYC, ms, one hot weight (bench/results/cpu_kernels.md):
+# 3072x576 at 16 / 64 / 256 / 1024 rows keel 0.45 / 1.98 / 6.31 / 29.2, oneDNN packed 0.50 / 1.83 / 6.30
+# / 24.6, MKL 0.85 / 2.23 / 7.13 / 24.6; at 1 row, over a whole model's cold weights, keel reads them at
+# the machine's copy bandwidth (17.8 ms for SmolLM2's 425 MB against oneDNN's 21.0).
+OWN_F32_MAX_ROWS = 256
+# bfloat16 weights on a CPU without bf16 matmuls: keel's kernel reads them as bf16 and computes in
+# float32; from 64 rows on the weight is widened to float32 for MKL (128 rows: 5.8 ms widening
+# included, against 27.6 ms for bf16 F.linear).
 OWN_BF16_MAX_ROWS = 64
 
 if TYPE_CHECKING:
@@ -80,29 +84,33 @@ class Linear(nn.Module):
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.own is not None:
-            if x.shape[0] <= OWN_BF16_MAX_ROWS:
-                y = self.own.bf16(x.float().contiguous(), self.weight).to(x.dtype)
+            if x.shape[0] <= self.own_max_rows:
+                y = self.own.gemm(x.float().contiguous(), self.own_fmt, self.weight)
+                y = y if x.dtype == torch.float32 else y.to(x.dtype)
                 return y if self.bias is None else y.add_(self.bias)
-            return F.linear(x.float(), self.weight.float()).to(x.dtype) + (0 if self.bias is None else self.bias)
+            y = F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+            return y.to(x.dtype)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
     packed: torch.Tensor | None = None
-    own = None  # keel.kernels.cpu.CPUKernels, for a bfloat16 layer on a CPU without bf16 matmuls
+    own = None  # keel.kernels.cpu.CPUKernels, where keel's matmul serves this layer (see _use_own)
+    own_fmt = 0
+    own_max_rows = 0
 
     def pack_for_cpu(self) -> bool:
-        """Reorder the weight into oneDNN's blocked layout and drop the dense copy.
+        """Choose this layer's CPU matmul: keel's own (see _use_own), else the weight reordered into
+        oneDNN's blocked layout (the dense copy dropped).
 
-        Measured on a 2-core AVX2 EPYC, float32 (bench/kernels.py, bench/results/kernels.md): a 3072x576 projection at
-        16 tokens 0.6 ms packed against 1.15 ms for F.linear (MKL), the 49152x576 output head 4.5 ms
-        against 10.5 ms at 1 token and 11 ms against 31 ms at 16. The layout is tuned for about 16
-        rows (the hint), which also serves 1-row decode and long prefills well. Falls back to
+        oneDNN, measured on a 2-core AVX2 EPYC, float32 (bench/kernels.py, bench/results/kernels.md): a
+        3072x576 projection at 16 tokens 0.6 ms packed against 1.15 ms for F.linear (MKL), the 49152x576
+        output head 4.5 ms against 10.5 ms at 1 token and 11 ms against 31 ms at 16. Falls back to
         F.linear (returns False) where this torch build or CPU lacks the kernels.
         """
         if self.weight.device.type != "cpu":
             return False
-        if self.weight.dtype == torch.bfloat16 and self._use_own_bf16():
+        if self._use_own():
             return True
         if not torch.backends.mkldnn.is_available():
             return False
@@ -120,21 +128,28 @@ class Linear(nn.Module):
         self.weight.data = torch.empty(0, dtype=self.weight.dtype)
         return True
 
-    def _use_own_bf16(self) -> bool:
-        """A bfloat16 layer on a CPU without bf16 instructions: keel's kernel up to OWN_BF16_MAX_ROWS rows
-        (weights read as bf16, float32 arithmetic), the weight widened to float32 for a float32 matmul
-        above. Where the CPU has bf16 matmuls (AMX, AVX512-BF16) oneDNN's are used instead."""
+    def _use_own(self) -> bool:
+        """keel's matmul (float32 arithmetic, the weight read as stored) for a float32 layer, and for a
+        bfloat16 one on a CPU without bf16 instructions, up to OWN_F32_MAX_ROWS / OWN_BF16_MAX_ROWS rows;
+        F.linear above. Where the CPU has bf16 matmuls (AMX, AVX512-BF16) a bf16 layer uses oneDNN's.
+        Checked on a probe against F.linear before it is used."""
         from keel.engine.device import BF16_CPU_FLAGS, cpu_flags
-        from keel.kernels.cpu import kernels
+        from keel.kernels.cpu import W_BF16, W_F32, kernels
         own = kernels()
-        if own is None or cpu_flags() & BF16_CPU_FLAGS or self.in_features % 16:
+        if own is None or self.in_features % 8:
+            return False
+        if self.weight.dtype == torch.float32:
+            fmt, rows = W_F32, OWN_F32_MAX_ROWS
+        elif self.weight.dtype == torch.bfloat16 and not cpu_flags() & BF16_CPU_FLAGS:
+            fmt, rows = W_BF16, OWN_BF16_MAX_ROWS
+        else:
             return False
         w = self.weight.data.contiguous()
         x = torch.randn(3, self.in_features, generator=torch.Generator().manual_seed(0))
         want = x @ w.float().t()
-        if not torch.allclose(own.bf16(x, w), want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
+        if not torch.allclose(own.gemm(x, fmt, w), want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
             return False
-        self.weight.data, self.own = w, own
+        self.weight.data, self.own, self.own_fmt, self.own_max_rows = w, own, fmt, rows
         return True
 
     def weight_bytes(self) -> int:

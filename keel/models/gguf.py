@@ -64,6 +64,10 @@ class GGUFCheckpoint:
     _entries: list = field(default_factory=list, repr=False, compare=False)
     _buf: memoryview | None = field(default=None, repr=False, compare=False)  # the memmapped file
 
+    def tensor_types(self) -> dict:
+        """hf_name -> GGMLQuantizationType of every tensor."""
+        return {name: info.type for name, info in self._entries}
+
     def tensors(self, keep_blocks=()) -> Iterator[tuple[str, "torch.Tensor | GGUFBlocks"]]:
         """Yield (hf_name, float32 tensor), reading and dequantizing each only when it is reached.
         A 2-D tensor of a type in `keep_blocks` comes as its GGUFBlocks instead (for keel.quant)."""

@@ -62,6 +62,7 @@ class Checkpoint:
     quantization: "QuantConfig | None" = None  # a checkpoint written by `keel quantize`: its format
     # GGUF only: (block types to keep) -> iterator of (name, tensor or GGUFBlocks), for keel.quant
     block_tensors: "callable | None" = None
+    tensor_types: dict | None = None  # GGUF only: tensor name -> its GGMLQuantizationType
 
 
 def read_json(path: str) -> dict:
@@ -110,7 +111,7 @@ def _open_gguf(path: str) -> Checkpoint:
                           eos_token=g.eos_token, eos_token_ids=list(g.eos_token_ids))
     name = os.path.basename(path)[: -len(".gguf")]
     return Checkpoint(config, tokenizer, g.tensors, [path], name,
-                      block_tensors=lambda keep: g.tensors(keep_blocks=keep))
+                      block_tensors=lambda keep: g.tensors(keep_blocks=keep), tensor_types=g.tensor_types())
 
 
 def safetensors_files(folder: str) -> list[str]:
@@ -194,9 +195,12 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_
     model = cls(ckpt.config, max_positions, dtype, device)
     quant = resolve_quantization(ckpt.quantization, quantization, ckpt.name)
     tensors = ckpt.tensors()
+    if quant is not None and quant.method == "gguf" and ckpt.tensor_types is None:
+        raise ModelLoadError(f"quantization='gguf' keeps a GGUF file's own block formats, and {ckpt.name} is no "
+                             "GGUF file: use int8 or int4")
     if quant is not None:
         from keel.quant.convert import checkpoint_tensors, quantize_model
-        quantize_model(model, quant)
+        quantize_model(model, quant, ckpt.tensor_types)
         tensors = checkpoint_tensors(model, ckpt, quant)
     load_weights(model, tensors, headless)
     return model.eval()

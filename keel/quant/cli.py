@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from keel.quant.config import DEFAULT_INT4_GROUP_SIZE, INT4_GROUP_SIZES, METHODS
+from keel.quant.config import DEFAULT_INT4_GROUP_SIZE, INT4_GROUP_SIZES, LOAD_METHODS, METHODS
 
 _GROUP_HELP = (f"int4 only: input channels per scale and zero point, one of "
                f"{', '.join(map(str, INT4_GROUP_SIZES))} (default {DEFAULT_INT4_GROUP_SIZE})")
@@ -39,8 +39,10 @@ def cmd_quantize(args) -> int:
 
 def add_quantization_args(p: argparse.ArgumentParser) -> None:
     """`--quantize int8|int4` and `--quantize-group-size` for commands that load a model (serve, chat)."""
-    p.add_argument("--quantize", choices=METHODS, default=None,
-                   help="quantize the weights at load: int8 or int4 (a model written by `keel quantize` needs none)")
+    p.add_argument("--quantize", choices=LOAD_METHODS, default=None,
+                   help="quantize the weights at load: int8 or int4 (a model written by `keel quantize` needs "
+                        "none); gguf keeps a GGUF file's Q4_0/Q4_1/Q8_0 blocks as they are (the default for "
+                        "such files on a CPU where keel's kernels run); none dequantizes them")
     p.add_argument("--quantize-group-size", type=int, default=None, help=_GROUP_HELP)
 
 

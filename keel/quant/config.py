@@ -8,7 +8,10 @@ from dataclasses import asdict, dataclass
 
 from keel.errors import InvalidRequestError, ModelLoadError
 
-METHODS = ("int8", "int4")
+METHODS = ("int8", "int4")  # what `keel quantize` writes
+# what a model loads with: also "gguf", a GGUF file's own block formats kept (Q4_0/Q4_1 as int4, Q8_0 as
+# int8, groups of 32; the default for such files where keel's CPU kernels run), and "none" (dequantized)
+LOAD_METHODS = METHODS + ("gguf", "none")
 INT4_GROUP_SIZES = (32, 64, 128)
 # Group 32 by measurement (bench/quant.py, bench/results/quant.md): on the 2-core AVX2 EPYC the CPU
 # int4 kernel costs the same at groups 32 and 64 (3072x576 at 1 token: 151 vs 153 us, 576x1536: 82 vs
@@ -32,9 +35,13 @@ class QuantConfig:
     """Also quantize the token embedding and the output head (by default they stay in the model dtype)."""
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise InvalidRequestError(f"quantization={self.method!r} is invalid: use one of {', '.join(METHODS)}")
-        if self.method == "int8":
+        if self.method not in METHODS + ("gguf",):
+            raise InvalidRequestError(f"quantization={self.method!r} is invalid: use one of {', '.join(LOAD_METHODS)}")
+        if self.method == "gguf":
+            if self.group_size is not None or self.quantize_embeddings:
+                raise InvalidRequestError("quantization='gguf' keeps a GGUF file's own formats: it takes no "
+                                          "group size and covers the embedding already")
+        elif self.method == "int8":
             if self.group_size is not None:
                 raise InvalidRequestError(f"group_size={self.group_size!r} is invalid: int8 has one scale per "
                                           "output channel, no groups")
@@ -45,6 +52,8 @@ class QuantConfig:
                                       f"{', '.join(map(str, INT4_GROUP_SIZES))}")
 
     def describe(self) -> str:
+        if self.method == "gguf":
+            return "GGUF blocks kept (Q4_0/Q4_1 as int4, Q8_0 as int8, groups of 32)"
         text = self.method if self.method == "int8" else f"int4, group size {self.group_size}"
         return text + (", embeddings too" if self.quantize_embeddings else "")
 
@@ -85,13 +94,17 @@ def read_quant_config(folder: str) -> QuantConfig | None:
 
 
 def parse_quantization(value, group_size: int | None = None) -> QuantConfig | None:
-    """A QuantConfig from what a user passes: None, "int8", "int4" or a QuantConfig."""
+    """A QuantConfig from what a user passes: None, "none", "int8", "int4", "gguf" or a QuantConfig."""
     if value is None or isinstance(value, QuantConfig):
         if group_size is not None:
             raise InvalidRequestError("group_size is given without a quantization method")
         return value
     if not isinstance(value, str):
-        raise InvalidRequestError(f"quantization={value!r} is invalid: use one of {', '.join(METHODS)}")
+        raise InvalidRequestError(f"quantization={value!r} is invalid: use one of {', '.join(LOAD_METHODS)}")
+    if value.lower() == "none":
+        if group_size is not None:
+            raise InvalidRequestError("group_size is given with quantization='none'")
+        return None
     return QuantConfig(value.lower(), group_size)
 
 

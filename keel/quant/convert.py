@@ -12,7 +12,7 @@ from keel.errors import ModelLoadError
 from keel.layers.linear import Linear
 from keel.models.gguf import GGUFBlocks
 from keel.quant.config import INT4_GROUP_SIZES, QuantConfig
-from keel.quant.gguf_blocks import DIRECT_TYPES, gguf_to_int4
+from keel.quant.gguf_blocks import DIRECT_TYPES, GROUP, INT4_TYPES, INT8_TYPES, gguf_to_int4, gguf_to_int8
 from keel.quant.int4 import Int4Embedding, Int4Linear
 from keel.quant.int8 import Int8Embedding, Int8Linear
 from keel.quant.layer import QuantLinear, TiedQuantHead
@@ -21,10 +21,15 @@ LAYERS = {"int8": (Int8Linear, Int8Embedding), "int4": (Int4Linear, Int4Embeddin
 EMBEDDING, HEAD = "model.embed_tokens", "lm_head"
 
 
-def quantize_model(model: nn.Module, cfg: QuantConfig) -> None:
+def quantize_model(model: nn.Module, cfg: QuantConfig, tensor_types: dict | None = None) -> None:
     """Swap every projection (each Linear but the output head) for the quantized layer of `cfg.method`,
     and with cfg.quantize_embeddings the embedding and output head too. Call it before loading weights:
-    the dense layers are dropped unread, so full-precision weights are never held."""
+    the dense layers are dropped unread, so full-precision weights are never held.
+    method "gguf" (a GGUF file's own formats): each layer whose weights the file holds in Q4_0/Q4_1
+    blocks becomes int4, in Q8_0 blocks int8, with groups of 32; tensor_types: name -> GGML type."""
+    if cfg.method == "gguf":
+        _quantize_as_gguf(model, tensor_types or {})
+        return
     linear_cls, embedding_cls = LAYERS[cfg.method]
     targets = [(name, m) for name, m in model.named_modules()
                if type(m) is Linear and (name != HEAD or cfg.quantize_embeddings)]
@@ -35,15 +40,51 @@ def quantize_model(model: nn.Module, cfg: QuantConfig) -> None:
             widths[EMBEDDING] = emb.embedding_dim
         _check_group_size(cfg.group_size, widths)
     for name, m in targets:
-        new = linear_cls(m.in_features, m.output_sizes or m.out_features, bias=m.bias is not None,
-                         dtype=m.weight.dtype, device=m.weight.device, group_size=cfg.group_size, name=name)
-        _replace(model, name, new)
+        _replace(model, name, _quantized_like(m, linear_cls, cfg.group_size, name))
     if emb is not None:
-        table = embedding_cls(emb.embedding_dim, emb.num_embeddings, dtype=emb.weight.dtype, device=emb.weight.device,
-                              group_size=cfg.group_size, name=EMBEDDING)
-        _replace(model, EMBEDDING, table)
-        if getattr(model, HEAD, None) is None:  # tied: the head computes with the embedding's tensors
-            model.lm_head = TiedQuantHead(table)
+        _quantize_embedding(model, emb, embedding_cls, cfg.group_size)
+
+
+def _quantized_like(m: Linear, cls, group_size: int | None, name: str) -> QuantLinear:
+    return cls(m.in_features, m.output_sizes or m.out_features, bias=m.bias is not None, dtype=m.weight.dtype,
+               device=m.weight.device, group_size=group_size, name=name)
+
+
+def _quantize_embedding(model: nn.Module, emb: nn.Embedding, cls, group_size: int | None) -> None:
+    table = cls(emb.embedding_dim, emb.num_embeddings, dtype=emb.weight.dtype, device=emb.weight.device,
+                group_size=group_size, name=EMBEDDING)
+    _replace(model, EMBEDDING, table)
+    if getattr(model, HEAD, None) is None:  # tied: the head computes with the embedding's tensors
+        model.lm_head = TiedQuantHead(table)
+
+
+def _quantize_as_gguf(model: nn.Module, tensor_types: dict) -> None:
+    from keel.models.loader import checkpoint_target
+    by_module: dict[str, set] = {}
+    for name, qtype in tensor_types.items():
+        if not name.endswith(".weight"):
+            continue
+        if not name.startswith(("model.", "lm_head.")):
+            name = "model." + name
+        target, _ = checkpoint_target(model, name)
+        by_module.setdefault(target[: -len(".weight")], set()).add(qtype)
+
+    def kind(name: str, width: int):
+        types = by_module.get(name, set())
+        if width % GROUP or not types:
+            return None
+        if types <= set(INT4_TYPES):
+            return "int4"
+        return "int8" if types <= set(INT8_TYPES) else None  # mixed or other types: dequantized
+
+    for name, m in [(n, m) for n, m in model.named_modules() if type(m) is Linear]:
+        k = kind(name, m.in_features)
+        if k is not None:
+            _replace(model, name, _quantized_like(m, LAYERS[k][0], GROUP, name))
+    emb = model.get_submodule(EMBEDDING)
+    k = kind(EMBEDDING, emb.embedding_dim)
+    if k is not None:
+        _quantize_embedding(model, emb, LAYERS[k][1], GROUP)
 
 
 def _check_group_size(group: int, widths: dict[str, int]) -> None:
@@ -96,8 +137,10 @@ def quantize_weight(layer: QuantLinear, weight, name: str) -> dict[str, torch.Te
         raise ModelLoadError(f"{name} has shape {tuple(weight.shape)}, the model expects {layer.in_features} "
                              "input channels")
     if isinstance(weight, GGUFBlocks):
-        if layer.method == "int4" and layer.group_size == 32 and weight.type in DIRECT_TYPES:
+        if layer.method == "int4" and layer.group_size == GROUP and weight.type in INT4_TYPES:
             return gguf_to_int4(weight)  # Q4_0/Q4_1 blocks are int4 groups of 32 already
+        if layer.method == "int8" and layer.group_size == GROUP and weight.type in INT8_TYPES:
+            return gguf_to_int8(weight)  # and Q8_0 blocks int8 groups of 32
         weight = weight.dequantize()
     return layer.quantize(weight, layer.group_size)
 

@@ -2,15 +2,16 @@
 
 Q4_0 blocks are a float16 scale d and 32 codes, w = d * (code - 8); Q4_1 blocks a scale d, a minimum m
 and 32 codes, w = d * code + m. Both are int4 with groups of 32 as keel holds it, w = (code - 8) * scale
-+ zero: scale = d, zero = 0 (Q4_0) or m + 8 d (Q4_1). The only change is the rounding of scale and zero
-to the kernels' bfloat16, at most 8 d / 256 + |zero| / 256 per weight
-(bfloat16 keeps 8 significant bits): a small fraction of the step d.
++ zero: scale = d, zero = 0 (Q4_0) or m + 8 d (Q4_1), kept in float16 where every zero is exact in it
+and in float32 otherwise (d and m + 8 d are: two float16 values of exponents less than 13 apart sum
+exactly in float32's 24 bits), so keel's float32 kernel computes with the file's weights exactly. A
+bfloat16 model's kernels round them to bfloat16 (at most 8 d / 256 + |zero| / 256 per weight).
 
-Q8_0 (a scale per 32 int8 codes) is not kept as blocks: int8 here has one scale per output channel
-(the layout the fast CPU kernel reads), so Q8_0 weights are dequantized and requantized per channel.
-The extra rounding is at most half a per-channel step, the same error int8 adds to any weight; a
-group-wise int8 layer would keep Q8_0 exact, but no PyTorch kernel computes with one, and
-dequantize-then-matmul would be slower than the dense layer it replaces.
+Q8_0 blocks are a float16 scale d and 32 int8 codes, w = d * code: int8 with groups of 32 and float16
+scales, exactly (gguf_to_int8), for layers built with that group size (the "gguf" quantization, which
+keeps a GGUF file's formats; keel's CPU kernel computes with them). For the per-channel int8 of
+`quantization="int8"` they are dequantized and requantized per channel, at most half a per-channel
+step of extra rounding.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from keel.quant.int4 import pack_nibbles
 
 # (bytes per block of 32, bytes before the codes)
 _LAYOUT = {GGMLQuantizationType.Q4_0: (18, 2), GGMLQuantizationType.Q4_1: (20, 4)}
-DIRECT_TYPES = tuple(_LAYOUT)
+INT4_TYPES = tuple(_LAYOUT)
+INT8_TYPES = (GGMLQuantizationType.Q8_0,)
+DIRECT_TYPES = INT4_TYPES + INT8_TYPES
+GROUP = 32  # weights per block in all of them
 
 
 def gguf_to_int4(blocks: GGUFBlocks) -> dict[str, torch.Tensor]:
@@ -39,4 +43,15 @@ def gguf_to_int4(blocks: GGUFBlocks) -> dict[str, torch.Tensor]:
     zero = half(2) + 8 * d if blocks.type == GGMLQuantizationType.Q4_1 else torch.zeros_like(d)
     qs = raw[..., header:]  # [rows, blocks, 16]: code j in the low nibble of byte j, code j + 16 in the high one
     codes = torch.cat((qs & 15, qs >> 4), dim=-1).reshape(rows, cols)
-    return {"qweight": pack_nibbles(codes), "scales": d.to(torch.bfloat16), "zeros": zero.to(torch.bfloat16)}
+    if torch.equal(zero.half().float(), zero):  # as compact as the file: 5 bits a weight
+        d, zero = d.half(), zero.half()
+    return {"qweight": pack_nibbles(codes), "scales": d, "zeros": zero}
+
+
+def gguf_to_int8(blocks: GGUFBlocks) -> dict[str, torch.Tensor]:
+    """Q8_0 blocks [rows, in / 32 blocks of 34 bytes] -> {"qweight" int8 [rows, in], "scales" float16
+    [rows, in / 32]}: int8 with groups of 32, the file's values exactly."""
+    rows, cols = blocks.shape
+    raw = torch.from_numpy(blocks.data).view(rows, cols // 32, 34)
+    scales = raw[..., :2].contiguous().view(torch.float16)[..., 0]
+    return {"qweight": raw[..., 2:].contiguous().view(torch.int8).reshape(rows, cols), "scales": scales}

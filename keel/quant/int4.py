@@ -6,16 +6,19 @@ Checkpoint tensors: qweight uint8 [out, in / 2] (two codes a byte, the even inpu
 nibble), scales and zeros bfloat16 [out, in / group_size]. Scales and zeros are bfloat16 because the
 kernels take them so; the quantizer picks the codes against the rounded values.
 
-Kernel, chosen by measurement (bench/quant.py, table in bench/results/quant.md; 2-core AVX2 EPYC, torch
-2.13, SmolLM2 shapes, microseconds, best of several runs on a shared machine):
-- CPU: torch._weight_int4pack_mm_for_cpu over the weight reordered by _convert_weight_to_int4pack_for_cpu,
-  with bfloat16 activations: gate_up 3072x576 at 1 row 151-168 us (group 32) against 175-202 for
-  float32 oneDNN; the 49152x576 output head 2.4 ms against 5.7. With float32 activations it takes
-  1.9-2.3 ms, so a float32 model casts x to bfloat16 around it. Groups 32 and 64 cost the same (see
-  DEFAULT_INT4_GROUP_SIZE).
-- From about 8 rows on, float32 oneDNN is faster (16 rows: 472 against 832 us). Dequantizing costs more
-  than for int8 (the kernel's nibble layout is unpacked in several passes), so dequantize-then-matmul
-  only wins from about 64 rows: a float32 model sends batches above INT4_CPU_FP32_MAX_ROWS that way.
+Scales and zeros may also be float32: GGUF's Q4_0/Q4_1 blocks carry float16 ones, which bfloat16
+would round, so they load exactly (keel/quant/gguf_blocks.py).
+
+Kernel, chosen by measurement (2-core AVX2 EPYC, torch 2.13, SmolLM2 shapes):
+- CPU, float32 model: keel's matmul (keel/kernels/cpu_gemm.c) up to INT4_OWN_MAX_ROWS rows, activations
+  and arithmetic in float32, each weight computed exactly as dequantize_int4 does. Over a whole model's
+  projections (30 layers, cold) it takes 12.4 ms at 1 row against 21.0 for the oneDNN float32 layers,
+  43.8 against 50.1 at 16 rows (bench/results/cpu_kernels.md). PyTorch's int4 operator needs bfloat16
+  activations.
+- CPU, bfloat16 model: torch._weight_int4pack_mm_for_cpu over the weight reordered by
+  _convert_weight_to_int4pack_for_cpu (gate_up 3072x576 at 1 row 151-168 us against 175-202 for float32
+  oneDNN). Where keel's kernel cannot run on a float32 model, the same operator with activations cast to
+  bfloat16, up to INT4_CPU_FP32_MAX_ROWS rows; dequantize-then-matmul above.
 - CUDA: torch._weight_int4pack_mm (tinygemm) for bfloat16 models, checked on a probe at load (no GPU
   was at hand to measure it: where it fails the check, the reference is used).
 - elsewhere: dequantize-then-matmul, the reference.
@@ -26,17 +29,15 @@ from __future__ import annotations
 import torch
 
 from keel.errors import ModelLoadError
-from keel.kernels.cpu import kernels
+from keel.kernels.cpu import W_INT4, kernels
 from keel.quant.layer import QuantEmbedding, QuantLinear, sample_rows
 
 # Rows above which a float32 model on CPU dequantizes and runs the dense matmul (see the module doc).
 INT4_CPU_FP32_MAX_ROWS = 64
-# Rows up to which keel's own kernel (keel/kernels) serves a float32 model where PyTorch's int4 CPU
-# operator cannot (missing from the build, or output rows not a multiple of 16). Where both run,
-# PyTorch's is used: cold weights, 3072x576, it takes 195 / 349 / 847 us at 1 / 4 / 16 rows against
-# keel's 234 / 431 / 1388 (bench/results/cpu_kernels.md); keel's keeps float32 activations but unpacks
-# nibbles in more instructions.
-INT4_OWN_MAX_ROWS = 16
+# Rows up to which keel's own matmul (keel/kernels/cpu_gemm.c) serves a float32 model on CPU; more rows
+# dequantize and run the dense matmul. It widens each weight panel once into a float32 buffer the size
+# of L1 and multiplies every row by it, so its cost per row falls like the dense kernel's.
+INT4_OWN_MAX_ROWS = 256
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -123,25 +124,34 @@ class Int4Linear(QuantLinear):
             return self.dequantize(dtype)[ids]
         return dequantize_int4(*self._state(ids)).to(dtype or self.dtype)
 
+    def _load_quantized(self, param, loaded, shard=None):
+        if param is not self.qweight and loaded.dtype in (torch.float16, torch.float32) and param.dtype != loaded.dtype:
+            # scales and zeros bfloat16 would round (GGUF's float16 ones): kept as they come
+            param.data = param.data.to(loaded.dtype)
+        super()._load_quantized(param, loaded, shard)
+
     def prepare(self) -> None:
         self.fast = False
         device = self.qweight.device.type
+        if device == "cpu" and self.dtype == torch.float32 and self._prepare_own():
+            return
         if device == "cpu" and self.out_features % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
             self._prepare_cpu()
-        if device == "cpu" and self.fast is False and self.dtype == torch.float32:
-            self._prepare_own()
         elif device == "cuda" and self.dtype == torch.bfloat16 and hasattr(torch, "_weight_int4pack_mm"):
             self._prepare_cuda()
 
     def _prepare_own(self) -> bool:
-        """A float32 model where PyTorch's kernel cannot serve: keel's reads the checkpoint layout as it
-        is, for up to INT4_OWN_MAX_ROWS rows; more rows dequantize and run the dense matmul."""
+        """A float32 model on CPU: keel's matmul reads the checkpoint layout as it is and computes in
+        float32, for up to INT4_OWN_MAX_ROWS rows; more rows dequantize and run the dense matmul."""
         own = kernels()
-        if own is None or self.group_size % 32 or self.in_features % self.group_size:
+        if own is None or self.group_size % 16 or self.in_features % self.group_size:
             return False
+        if self.zeros.dtype != self.scales.dtype:
+            self.scales.data = self.scales.data.float()
+            self.zeros.data = self.zeros.data.float()
 
         def fast(x):
-            return own.int4(x.contiguous(), self.qweight, self.scales, self.zeros, self.group_size)
+            return own.gemm(x.contiguous(), W_INT4, self.qweight, self.scales, self.zeros, self.group_size)
         if not self.check_fast(fast):
             return False
         self.fast, self.kernel, self.fast_max_rows = fast, "keel int4 (float32 rows)", INT4_OWN_MAX_ROWS
@@ -160,7 +170,7 @@ class Int4Linear(QuantLinear):
         if block_n is None:
             return
         self.cpu_packed, self.block_n = packed, block_n
-        self.kernel_sz = torch.stack((self.scales.t(), self.zeros.t()), dim=-1).contiguous()
+        self.kernel_sz = torch.stack((self.scales.t(), self.zeros.t()), dim=-1).to(torch.bfloat16).contiguous()
         if not self.check_fast(self._cpu_int4):
             self.cpu_packed = self.kernel_sz = None
             return
@@ -185,7 +195,7 @@ class Int4Linear(QuantLinear):
             packed = torch._convert_weight_to_int4pack((codes[:, 0::2] << 4) | codes[:, 1::2], tiles)
         except RuntimeError:
             return
-        sz = torch.stack((self.scales.t(), self.zeros.t()), dim=-1).contiguous()
+        sz = torch.stack((self.scales.t(), self.zeros.t()), dim=-1).to(torch.bfloat16).contiguous()
 
         def fast(x):
             return torch._weight_int4pack_mm(x, packed, self.group_size, sz)

@@ -326,10 +326,14 @@ def test_unsupported(tmp_path, kwargs, words):
 
 
 def test_builtin_model_answers_paris_and_matches_transformers_greedy(hf_model):
-    """The built-in model from its GGUF: a real answer, and the same greedy tokens as transformers."""
+    """The built-in model from its GGUF: a real answer, and the same greedy tokens as transformers (which
+    dequantizes the file; keel, by default on a CPU where its kernels run, computes with the Q4_1 and
+    Q8_0 blocks as they are)."""
     from keel import LLM, SamplingParams
+    from keel.kernels.cpu import kernels
 
     llm = LLM(dtype="float32")
+    assert (llm.engine.quantization is not None) == (kernels() is not None)
     question = [{"role": "user", "content": "What is the capital of France?"}]
     out = llm.chat(question, SamplingParams(temperature=0, max_tokens=24))[0]
     assert "Paris" in out.outputs[0].text, out.outputs[0].text

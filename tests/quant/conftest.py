@@ -29,9 +29,11 @@ def hf_checkpoint(tmp_path_factory):
     return get
 
 
-def write_gguf(path, projection_type: gguf.GGMLQuantizationType, seed: int = 0) -> dict[str, np.ndarray]:
-    """A two-layer llama GGUF file with every projection in `projection_type`, the rest float32.
-    Returns the dequantized projection weights by GGUF name (in GGUF's row order)."""
+def write_gguf(path, projection_type: gguf.GGMLQuantizationType, seed: int = 0,
+               embedding_type: gguf.GGMLQuantizationType | None = None) -> dict[str, np.ndarray]:
+    """A two-layer llama GGUF file (tied embeddings) with every projection in `projection_type`, the token
+    embedding in `embedding_type` (None: float32), the rest float32. Returns the dequantized
+    quantized weights by GGUF name (in GGUF's row order)."""
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), "llama")
     for key, value in [("block_count", LAYERS), ("context_length", 256), ("embedding_length", HIDDEN),
@@ -60,10 +62,11 @@ def write_gguf(path, projection_type: gguf.GGMLQuantizationType, seed: int = 0) 
             w.add_tensor(name, (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32))
             continue
         data = (rng.standard_normal(shape) / shape[1] ** 0.5).astype(np.float32)
-        if name.startswith("blk."):
-            q = gguf.quants.quantize(data, projection_type)
-            w.add_tensor(name, q, raw_dtype=projection_type)
-            stored[name] = gguf.quants.dequantize(q, projection_type)
+        qtype = projection_type if name.startswith("blk.") else embedding_type
+        if qtype is not None:
+            q = gguf.quants.quantize(data, qtype)
+            w.add_tensor(name, q, raw_dtype=qtype)
+            stored[name] = gguf.quants.dequantize(q, qtype)
         else:
             w.add_tensor(name, data)
     w.write_header_to_file()

@@ -1,0 +1,260 @@
+/* y = x Wᵀ for a few float32 rows (decode steps and small batches), on x86 CPUs with AVX2 and FMA, with W
+ * in one of several storage formats, read as it is stored and widened to float32 in registers:
+ *
+ *   KEEL_W_F32   float32 [N, K]
+ *   KEEL_W_BF16  bfloat16 [N, K]
+ *   KEEL_W_INT4  4-bit codes [N, K / 2] (channel 2j in the low nibble of byte j), per group of `group`
+ *                channels a scale s and zero z: w = (code - 8) * s + z   (scale, zero [N, K / group]);
+ *                one rounding, as keel/quant/int4.py's dequantize (the product is exact for scales of
+ *                up to 20 significant bits, as bfloat16 and float16 ones are)
+ *   KEEL_W_INT8G int8 codes [N, K], per group a scale: w = code * s   (scale [N, K / group]; one group
+ *                of K is per-channel int8)
+ * Scales and zeros are float32, bfloat16 or float16 (sdtype: KEEL_S_*), widened to float32 per group.
+ *
+ * Work unit: a panel of P output rows. Formats other than float32 first widen the panel into a float32
+ * scratch buffer that stays in L1/L2 (so each weight is decoded once, however many rows x has), then a
+ * register-tiled loop computes MB rows of x by NB panel rows at a time: MB * NB accumulators of 8 lanes
+ * along K, one load of each x and w vector serving NB and MB FMAs. Sums across lanes happen once per
+ * tile, at the end. Panels are split across OpenMP threads.
+ *
+ * K % 8 == 0; for INT4 group is 16 times a power of two, for INT8G group % 8 == 0, and K % group == 0.
+ */
+#include "cpu_simd.h"
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+enum { KEEL_W_F32 = 0, KEEL_W_BF16 = 1, KEEL_W_INT4 = 2, KEEL_W_INT8G = 3 };
+enum { KEEL_S_F32 = 0, KEEL_S_BF16 = 1, KEEL_S_F16 = 2 };
+
+/* Element i of a scale or zero table of type sdtype, as float32. */
+static inline float scalar(const void *t, int sdtype, int64_t i) {
+    if (sdtype == KEEL_S_BF16) return bf16_to_f32(((const uint16_t *)t)[i]);
+    if (sdtype == KEEL_S_F16) return _cvtsh_ss(((const uint16_t *)t)[i]);
+    return ((const float *)t)[i];
+}
+
+#define MB 4
+#define NB 3
+
+/* y[i, j] = x[i] . w[j] for i < mb, j < nb (compile-time constants once inlined). */
+static inline __attribute__((always_inline)) void tile(const float *x, int64_t ldx, const float *w, int64_t ldw,
+                                                        float *y, int64_t ldy, int64_t K, const int mb,
+                                                        const int nb) {
+    __m256 acc[MB][NB];
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < nb; j++) acc[i][j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+        __m256 xv[MB];
+        for (int i = 0; i < mb; i++) xv[i] = _mm256_loadu_ps(x + i * ldx + k);
+        for (int j = 0; j < nb; j++) {
+            __m256 wv = _mm256_loadu_ps(w + j * ldw + k);
+            for (int i = 0; i < mb; i++) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
+        }
+    }
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < nb; j++) y[i * ldy + j] = hsum(acc[i][j]);
+}
+
+#define TILE_CASE(a, b) \
+    case (a) * 4 + (b): tile(x, ldx, w, ldw, y, ldy, K, a, b); break;
+
+static void tile_any(const float *x, int64_t ldx, const float *w, int64_t ldw, float *y, int64_t ldy, int64_t K,
+                     int mb, int nb) {
+    switch (mb * 4 + nb) {
+        TILE_CASE(1, 1) TILE_CASE(1, 2) TILE_CASE(1, 3)
+        TILE_CASE(2, 1) TILE_CASE(2, 2) TILE_CASE(2, 3)
+        TILE_CASE(3, 1) TILE_CASE(3, 2) TILE_CASE(3, 3)
+        TILE_CASE(4, 1) TILE_CASE(4, 2) TILE_CASE(4, 3)
+    }
+}
+
+/* Widen rows [n0, n0 + p) of W into out [p, K] float32. */
+static void decode_panel(int fmt, const void *wp, const void *scale, const void *zero, int sdtype, int64_t group,
+                         int64_t n0, int64_t p, int64_t K, float *out) {
+    const int64_t G = K / (group > 0 ? group : K);
+    for (int64_t r = 0; r < p; r++) {
+        int64_t n = n0 + r;
+        float *o = out + r * K;
+        if (fmt == KEEL_W_BF16) {
+            const uint16_t *row = (const uint16_t *)wp + n * K;
+            for (int64_t k = 0; k < K; k += 8) {
+                __m128i b = _mm_loadu_si128((const __m128i *)(row + k));
+                _mm256_storeu_ps(o + k, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16)));
+            }
+        } else if (fmt == KEEL_W_INT4) {
+            /* 8 bytes hold channels k..k+15: the low nibbles the even ones, the high nibbles the odd ones.
+             * They are widened in that order (evens, then odds); x is permuted to match (permute16). */
+            const uint8_t *row = (const uint8_t *)wp + n * (K / 2);
+            const __m256i low = _mm256_set1_epi32(0x0F), eight = _mm256_set1_epi32(8);
+            for (int64_t g = 0; g < G; g++) {
+                __m256 s = _mm256_set1_ps(scalar(scale, sdtype, n * G + g)), z = _mm256_set1_ps(scalar(zero, sdtype, n * G + g));
+                for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
+                    __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + k / 2)));
+                    __m256 ev = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(d, low), eight));
+                    __m256 od = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(d, 4), eight));
+                    _mm256_storeu_ps(o + k, _mm256_fmadd_ps(ev, s, z));
+                    _mm256_storeu_ps(o + k + 8, _mm256_fmadd_ps(od, s, z));
+                }
+            }
+        } else { /* KEEL_W_INT8G */
+            const int8_t *row = (const int8_t *)wp + n * K;
+            for (int64_t g = 0; g < G; g++) {
+                __m256 s = _mm256_set1_ps(scalar(scale, sdtype, n * G + g));
+                for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
+                    __m128i b = _mm_loadl_epi64((const __m128i *)(row + k));
+                    _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), s));
+                }
+            }
+        }
+    }
+}
+
+/* out [M, K]: in each 16 channels of x, the 8 even ones, then the 8 odd ones. */
+static void permute16(const float *x, float *out, int64_t M, int64_t K) {
+    for (int64_t i = 0; i < M * K; i += 16)
+        for (int j = 0; j < 8; j++) {
+            out[i + j] = x[i + 2 * j];
+            out[i + 8 + j] = x[i + 2 * j + 1];
+        }
+}
+
+/* out[0..G) = elements off..off+G of a scale or zero table, as float32. */
+static inline void widen(const void *t, int sdtype, int64_t off, int64_t G, float *out) {
+    int64_t g = 0;
+    if (sdtype == KEEL_S_F16)
+        for (; g + 8 <= G; g += 8)
+            _mm256_storeu_ps(out + g, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)t + off + g))));
+    else if (sdtype == KEEL_S_BF16)
+        for (; g + 8 <= G; g += 8)
+            _mm256_storeu_ps(out + g, _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)t + off + g))), 16)));
+    for (; g < G; g++) out[g] = scalar(t, sdtype, off + g);
+}
+
+/* INT4 for a few rows (M <= MB), the weights widened in registers and never stored: output rows n0..n1 of
+ * y = sum_g s_g * (x_g . code_g) + (z_g - 8 s_g) * sum(x_g). xp is x permuted by permute16 (the order
+ * the codes widen in), xsum [M, G] the group sums of x. Two output rows at a time; with one or two
+ * rows of x, even and odd channels go to separate accumulators (more independent FMA chains). */
+static inline __attribute__((always_inline)) void int4_few(const float *xp, const float *xsum, const uint8_t *w,
+                                                            const void *scale, const void *zero, int sdtype,
+                                                            int64_t group, float *y, int64_t N, int64_t K,
+                                                            int64_t n, const int mb, const int nb) {
+    const int split = mb <= 2;
+    const int64_t G = K / group;
+    const __m256i low = _mm256_set1_epi32(0x0F);
+    __m256 acc[MB][2], acc1[MB][2]; /* acc1: odd channels, when split */
+    float offs[MB][2] = {{0}};
+    const int64_t B = K / 16;
+    const int sh = __builtin_ctzll((unsigned long long)(group / 16)); /* block of 16 channels -> group */
+    float sf[2][G], zg[G];
+    for (int j = 0; j < nb; j++) {
+        widen(scale, sdtype, (n + j) * G, G, sf[j]);
+        widen(zero, sdtype, (n + j) * G, G, zg);
+        for (int64_t g = 0; g < G; g++) {
+            float zp = zg[g] - 8.0f * sf[j][g];
+            for (int i = 0; i < mb; i++) offs[i][j] += zp * xsum[i * G + g];
+        }
+    }
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < nb; j++) acc[i][j] = acc1[i][j] = _mm256_setzero_ps();
+    const uint8_t *wr = w + n * (K / 2);
+    for (int64_t bl = 0; bl < B; bl++) {
+        __m256 ev[2], od[2];
+        for (int j = 0; j < nb; j++) {
+            __m256 sv = _mm256_broadcast_ss(&sf[j][bl >> sh]);
+            __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(wr + j * (K / 2) + 8 * bl)));
+            ev[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(d, low)), sv);
+            od[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(d, 4)), sv);
+        }
+        for (int i = 0; i < mb; i++) {
+            __m256 xe = _mm256_loadu_ps(xp + i * K + 16 * bl), xo = _mm256_loadu_ps(xp + i * K + 16 * bl + 8);
+            for (int j = 0; j < nb; j++) {
+                acc[i][j] = _mm256_fmadd_ps(ev[j], xe, acc[i][j]);
+                if (split)
+                    acc1[i][j] = _mm256_fmadd_ps(od[j], xo, acc1[i][j]);
+                else
+                    acc[i][j] = _mm256_fmadd_ps(od[j], xo, acc[i][j]);
+            }
+        }
+    }
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < nb; j++) {
+            __m256 a = split ? _mm256_add_ps(acc[i][j], acc1[i][j]) : acc[i][j];
+            y[i * N + n + j] = hsum(a) + offs[i][j];
+        }
+}
+
+#define FEW_CASE(a, b) \
+    case (a) * 4 + (b): int4_few(xp, xsum, w, scale, zero, sdtype, group, y, N, K, n, a, b); break;
+
+static void int4_few_any(const float *xp, const float *xsum, const uint8_t *w, const void *scale, const void *zero,
+                         int sdtype, int64_t group, float *y, int64_t N, int64_t K, int64_t n, int mb, int nb) {
+    switch (mb * 4 + nb) {
+        FEW_CASE(1, 1) FEW_CASE(1, 2) FEW_CASE(2, 1) FEW_CASE(2, 2)
+        FEW_CASE(3, 1) FEW_CASE(3, 2) FEW_CASE(4, 1) FEW_CASE(4, 2)
+    }
+}
+
+/* y [M, N] = x [M, K] Wᵀ. Returns 0, or -1 when a thread's scratch buffer could not be allocated. */
+int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const void *zero, int sdtype, int64_t group,
+              float *y, int64_t M, int64_t N, int64_t K, int threads) {
+    /* panel rows: a multiple of NB whose float32 copy is about 16 KB (all of the panel in L1) */
+    int64_t P = (16384 / (4 * K)) / NB * NB;
+    if (P < NB) P = NB;
+    if (fmt == KEEL_W_F32) P = 4 * NB;
+    const int64_t panels = (N + P - 1) / P;
+    int failed = 0;
+    float *xp = NULL;
+    if (fmt == KEEL_W_INT4) {
+        xp = aligned_alloc(64, ((size_t)(M * K * 4) + 63) / 64 * 64);
+        if (xp == NULL) return -1;
+        permute16(x, xp, M, K);
+        x = xp;
+    }
+    if (fmt == KEEL_W_INT4 && M <= MB) {
+        const int64_t G = K / group;
+        float xsum[MB * G];
+        for (int64_t i = 0; i < M * G; i++) {
+            float t = 0.f;
+            for (int64_t k = 0; k < group; k++) t += x[i * group + k];
+            xsum[i] = t;
+        }
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = 0; n < N; n += 2)
+            int4_few_any(x, xsum, (const uint8_t *)w, scale, zero, sdtype, group, y, N, K, n, (int)M,
+                         N - n < 2 ? 1 : 2);
+        free(xp);
+        return 0;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        float *scratch = NULL;
+        if (fmt != KEEL_W_F32) {
+            scratch = aligned_alloc(64, ((size_t)(P * K * 4) + 63) / 64 * 64);
+            if (scratch == NULL) failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t pi = 0; pi < panels; pi++) {
+            if (fmt != KEEL_W_F32 && scratch == NULL) continue;
+            int64_t n0 = pi * P, p = N - n0 < P ? N - n0 : P;
+            const float *wf;
+            if (fmt == KEEL_W_F32) {
+                wf = (const float *)w + n0 * K;
+            } else {
+                decode_panel(fmt, w, scale, zero, sdtype, group, n0, p, K, scratch);
+                wf = scratch;
+            }
+            for (int64_t m0 = 0; m0 < M; m0 += MB) {
+                int mb = (int)(M - m0 < MB ? M - m0 : MB);
+                for (int64_t j0 = 0; j0 < p; j0 += NB) {
+                    int nb = (int)(p - j0 < NB ? p - j0 : NB);
+                    tile_any(x + m0 * K, K, wf + j0 * K, K, y + m0 * N + n0 + j0, N, K, mb, nb);
+                }
+            }
+        }
+        free(scratch);
+    }
+    free(xp);
+    return failed ? -1 : 0;
+}
