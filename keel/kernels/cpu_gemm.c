@@ -196,6 +196,52 @@ static void int4_few_any(const float *xp, const float *xsum, const uint8_t *w, c
     }
 }
 
+/* INT8G for a few rows (M <= MB), like int4_few: w = code * s widened in registers, two output rows at a
+ * time. sh: log2 of the 8-channel blocks per group (a large shift when one group spans the row). */
+static inline __attribute__((always_inline)) void int8_few(const float *x, const int8_t *w, const void *scale,
+                                                            int sdtype, int64_t G, int sh, float *y, int64_t N,
+                                                            int64_t K, int64_t n, const int mb, const int nb) {
+    const int split = mb <= 2;
+    __m256 acc[MB][2], acc1[MB][2];
+    float sf[2][G];
+    for (int j = 0; j < nb; j++) widen(scale, sdtype, (n + j) * G, G, sf[j]);
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < nb; j++) acc[i][j] = acc1[i][j] = _mm256_setzero_ps();
+    const int8_t *wr = w + n * K;
+    for (int64_t bl = 0; bl < K / 8; bl += 2) {
+        __m256 w0[2], w1[2];
+        for (int j = 0; j < nb; j++) {
+            __m256 s0 = _mm256_broadcast_ss(&sf[j][bl >> sh]), s1 = _mm256_broadcast_ss(&sf[j][(bl + 1) >> sh]);
+            __m128i b = _mm_loadu_si128((const __m128i *)(wr + j * K + 8 * bl));
+            w0[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), s0);
+            w1[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), s1);
+        }
+        for (int i = 0; i < mb; i++) {
+            __m256 x0 = _mm256_loadu_ps(x + i * K + 8 * bl), x1 = _mm256_loadu_ps(x + i * K + 8 * bl + 8);
+            for (int j = 0; j < nb; j++) {
+                acc[i][j] = _mm256_fmadd_ps(w0[j], x0, acc[i][j]);
+                if (split)
+                    acc1[i][j] = _mm256_fmadd_ps(w1[j], x1, acc1[i][j]);
+                else
+                    acc[i][j] = _mm256_fmadd_ps(w1[j], x1, acc[i][j]);
+            }
+        }
+    }
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < nb; j++) y[i * N + n + j] = hsum(split ? _mm256_add_ps(acc[i][j], acc1[i][j]) : acc[i][j]);
+}
+
+#define FEW8_CASE(a, b) \
+    case (a) * 4 + (b): int8_few(x, w, scale, sdtype, G, sh, y, N, K, n, a, b); break;
+
+static void int8_few_any(const float *x, const int8_t *w, const void *scale, int sdtype, int64_t G, int sh, float *y,
+                         int64_t N, int64_t K, int64_t n, int mb, int nb) {
+    switch (mb * 4 + nb) {
+        FEW8_CASE(1, 1) FEW8_CASE(1, 2) FEW8_CASE(2, 1) FEW8_CASE(2, 2)
+        FEW8_CASE(3, 1) FEW8_CASE(3, 2) FEW8_CASE(4, 1) FEW8_CASE(4, 2)
+    }
+}
+
 /* y [M, N] = x [M, K] Wᵀ. Returns 0, or -1 when a thread's scratch buffer could not be allocated. */
 int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const void *zero, int sdtype, int64_t group,
               float *y, int64_t M, int64_t N, int64_t K, int threads) {
@@ -211,6 +257,16 @@ int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const v
         if (xp == NULL) return -1;
         permute16(x, xp, M, K);
         x = xp;
+    }
+    if (fmt == KEEL_W_INT8G && M <= MB && K % 16 == 0) {
+        const int64_t G = K / group, blocks = group / 8;
+        if (G == 1 || (blocks & (blocks - 1)) == 0) {
+            const int sh = G == 1 ? 62 : __builtin_ctzll((unsigned long long)blocks);
+#pragma omp parallel for schedule(static) num_threads(threads)
+            for (int64_t n = 0; n < N; n += 2)
+                int8_few_any(x, (const int8_t *)w, scale, sdtype, G, sh, y, N, K, n, (int)M, N - n < 2 ? 1 : 2);
+            return 0;
+        }
     }
     if (fmt == KEEL_W_INT4 && M <= MB) {
         const int64_t G = K / group;
