@@ -28,10 +28,32 @@ import torch
 log = logging.getLogger("keel.kernels")
 HEADER = os.path.join(os.path.dirname(__file__), "cpu_simd.h")  # included by the sources
 SOURCES = [os.path.join(os.path.dirname(__file__), f) for f in (
-    "cpu_gemm.c", "cpu_lora.c", "cpu_decode.c")]
+    "cpu_gemm.c", "cpu_lora.c", "cpu_decode.c", "cpu_stack.c")]
 # Weight formats of CPUKernels.gemm (the enum of cpu_gemm.c)
 W_F32, W_BF16, W_INT4, W_INT8G = 0, 1, 2, 3
 _SCALE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+class Lin(ctypes.Structure):
+    """keel_lin of cpu_stack.c: one projection as keel_gemm reads it."""
+    _fields_ = [("fmt", ctypes.c_int64), ("sdtype", ctypes.c_int64), ("group", ctypes.c_int64),
+                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+                ("zero", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+class Layer(ctypes.Structure):
+    """keel_layer of cpu_stack.c: one decoder layer's weights and KV cache."""
+    _fields_ = [("in_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("k_cache", ctypes.c_void_p),
+                ("v_cache", ctypes.c_void_p), ("qkv", Lin), ("o", Lin), ("gate_up", Lin), ("down", Lin)]
+
+
+def lin(fmt: int, w: torch.Tensor, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
+        group: int = 0, bias: torch.Tensor | None = None) -> Lin:
+    """A Lin over tensors the caller keeps alive (contiguous, float32 bias)."""
+    ptr = (lambda t: None if t is None else t.data_ptr())
+    k = w.shape[1] * (2 if fmt == W_INT4 else 1)
+    sdtype = 0 if scale is None else _SCALE_DTYPES[scale.dtype]
+    return Lin(fmt, sdtype, group, w.shape[0], k, w.data_ptr(), ptr(scale), ptr(zero), ptr(bias))
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-lm"]
 _lock = threading.Lock()
 _state: dict = {}
@@ -92,6 +114,9 @@ class CPUKernels:
         lib.keel_silu_mul_f32.argtypes = [p, p, i64, i64]
         lib.keel_rope_cache_f32.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64]
         lib.keel_silu_mul_f32.restype = lib.keel_rope_cache_f32.restype = None
+        lib.keel_decode_stack.argtypes = [p, i64, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_float,
+                                          p, p, p, p, i64, p, i64, c_int]
+        lib.keel_decode_stack.restype = c_int
         for f in (lib.keel_lora_f32, lib.keel_lora_bf16):
             f.argtypes = [p, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, c_int]
             f.restype = None
@@ -115,6 +140,18 @@ class CPUKernels:
         if rc != 0:
             raise MemoryError("keel's matmul kernel could not allocate its scratch buffer")
         return y
+
+    def decode_stack(self, layers, x: torch.Tensor, dims: tuple, eps: float, scale: float, cos: torch.Tensor,
+                     sin: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor, context_lens: torch.Tensor,
+                     block_size: int) -> None:
+        """Run x float32 [M, D] (contiguous, updated in place) through every decoder layer of `layers` (a
+        ctypes array of Layer) for one decode step; dims (D, H, KVH, HD, I). See cpu_stack.c."""
+        m = x.shape[0]
+        rc = self.lib.keel_decode_stack(layers, len(layers), x.data_ptr(), m, *dims, eps, scale, cos.data_ptr(),
+                                        sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), tables.shape[1],
+                                        context_lens.data_ptr(), block_size, torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("keel's decode-step kernel could not allocate its buffers")
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x float32 [..., D] contiguous, weight float32 [D] -> RMSNorm(x) * weight."""

@@ -152,6 +152,13 @@ class Linear(nn.Module):
         self.weight.data, self.own, self.own_fmt, self.own_max_rows = w, own, fmt, rows
         return True
 
+    def gemm_args(self):
+        """(fmt, weight, scale, zero, group, max rows) of keel's matmul where it serves this layer, for
+        callers that run it themselves (keel/models/fused_decode.py); None where it does not."""
+        if self.own is None:
+            return None
+        return self.own_fmt, self.weight, None, None, 0, self.own_max_rows
+
     def weight_bytes(self) -> int:
         if self.packed is not None:
             return self.weight_bytes_packed

@@ -109,12 +109,18 @@ class LlamaForCausalLM(nn.Module):
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, device=device)
         self.tied_head: Linear | None = None  # a packed copy of the tied embedding, see pack_for_cpu
+        self.decode_stack = None  # keel.models.fused_decode.DecodeStack once built (False: not used here)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 lora: LoRAMetadata | None = None) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden states [T, hidden]; lora: the step's adapter slots, if any
         x = self.model.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions)
+        if self.decode_stack is None:
+            from keel.models.fused_decode import DecodeStack
+            self.decode_stack = DecodeStack.build(self) or False
+        if lora is None and self.decode_stack and self.decode_stack.runs(x, meta):
+            return self.model.norm(self.decode_stack.run(x, rope, meta))  # one call for every layer
         for layer in self.model.layers:
             x = layer(x, rope, meta, lora)
         return self.model.norm(x)

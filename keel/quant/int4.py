@@ -155,6 +155,7 @@ class Int4Linear(QuantLinear):
         if not self.check_fast(fast):
             return False
         self.fast, self.kernel, self.fast_max_rows = fast, "keel int4 (float32 rows)", INT4_OWN_MAX_ROWS
+        self._gemm = W_INT4, self.qweight, self.scales, self.zeros, self.group_size, INT4_OWN_MAX_ROWS
         return True
 
     def _prepare_cpu(self) -> None:

@@ -92,6 +92,13 @@ class QuantLinear(Linear):
         """Choose the kernel for this device and dtype and move the tensors into its layout."""
         self.fast = False
 
+    _gemm = None  # Linear.gemm_args' answer, where keel's CPU matmul is this layer's kernel
+
+    def gemm_args(self):
+        if self.fast is None:
+            self.prepare()
+        return self._gemm
+
     def pack_for_cpu(self) -> bool:
         if self.fast is None:  # prepare() moves tensors into a kernel's layout: once
             self.prepare()

@@ -1,0 +1,80 @@
+/* A whole decode step through the Llama decoder's layers in one call, float32 on CPU: per layer RMSNorm,
+ * the fused q/k/v matmul (+ bias), rotary embedding with the cache write, paged decode attention, the
+ * output projection and residual add, RMSNorm, gate/up matmul, SiLU-and-multiply, down projection and
+ * residual add. The same kernels, in the same order, as the layer-by-layer path through PyTorch modules
+ * (keel/models/llama.py), so the results are the same bit for bit; what goes is the Python and dispatch
+ * work between them: about 11 calls per layer, 7 ms a step on the 2-core EPYC at batch 1 with the
+ * built-in model (bench/results/decode.md). keel/models/fused_decode.py decides when it runs. */
+#include <stdint.h>
+#include <stdlib.h>
+
+/* One projection as keel_gemm reads it (cpu_gemm.c). */
+typedef struct {
+    int64_t fmt, sdtype, group, n, k;
+    const void *w, *scale, *zero;
+    const float *bias; /* [n] or NULL */
+} keel_lin;
+
+typedef struct {
+    const float *in_norm, *post_norm; /* RMSNorm weights [D] */
+    float *k_cache, *v_cache;         /* [slots, KVH, HD] */
+    keel_lin qkv, o, gate_up, down;
+} keel_layer;
+
+int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const void *zero, int sdtype, int64_t group,
+              float *y, int64_t M, int64_t N, int64_t K, int threads);
+void keel_rms_norm(const float *x, const float *w, float *y, int64_t M, int64_t D, float eps);
+void keel_rope_cache_f32(float *qkv, const float *cos, const float *sin, const int64_t *slots, float *kc, float *vc,
+                         int64_t T, int64_t H, int64_t KVH, int64_t D);
+int keel_decode_attention_f32(const float *q, int64_t ldq, const float *kc, const float *vc, const int64_t *tables,
+                              const int32_t *ctx, float *out, int64_t B, int64_t H, int64_t KVH, int64_t D,
+                              int64_t bs, int64_t NB, float scale, int threads);
+void keel_silu_mul_f32(const float *gate_up, float *out, int64_t M, int64_t I);
+
+static int linear(const keel_lin *l, const float *x, float *y, int64_t M, int threads) {
+    int rc = keel_gemm(x, (int)l->fmt, l->w, l->scale, l->zero, (int)l->sdtype, l->group, y, M, l->n, l->k, threads);
+    if (l->bias != NULL)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t j = 0; j < l->n; j++) y[m * l->n + j] += l->bias[j];
+    return rc;
+}
+
+static void add(float *x, const float *t, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] += t[i];
+}
+
+/* x [M, D]: the hidden states of M decoding tokens, updated in place through all L layers. cos, sin
+ * [M, HD / 2]; slots [M] cache slot of each token; tables [M, NB] block tables; ctx [M] tokens in the
+ * cache after this step. Returns 0, or -1 when a buffer could not be allocated (x is then undefined). */
+int keel_decode_stack(const keel_layer *layers, int64_t L, float *x, int64_t M, int64_t D, int64_t H, int64_t KVH,
+                      int64_t HD, int64_t I, float eps, float scale, const float *cos, const float *sin,
+                      const int64_t *slots, const int64_t *tables, int64_t NB, const int32_t *ctx, int64_t bs,
+                      int threads) {
+    const int64_t QKV = (H + 2 * KVH) * HD;
+    float *h = malloc(sizeof(float) * M * D), *qkv = malloc(sizeof(float) * M * QKV);
+    float *att = malloc(sizeof(float) * M * H * HD), *gu = malloc(sizeof(float) * M * 2 * I);
+    float *act = malloc(sizeof(float) * M * I), *t = malloc(sizeof(float) * M * D);
+    int rc = (h && qkv && att && gu && act && t) ? 0 : -1;
+    for (int64_t l = 0; l < L && rc == 0; l++) {
+        const keel_layer *ly = layers + l;
+        keel_rms_norm(x, ly->in_norm, h, M, D, eps);
+        rc |= linear(&ly->qkv, h, qkv, M, threads);
+        keel_rope_cache_f32(qkv, cos, sin, slots, ly->k_cache, ly->v_cache, M, H, KVH, HD);
+        rc |= keel_decode_attention_f32(qkv, QKV, ly->k_cache, ly->v_cache, tables, ctx, att, M, H, KVH, HD, bs,
+                                        NB, scale, threads);
+        rc |= linear(&ly->o, att, t, M, threads);
+        add(x, t, M * D);
+        keel_rms_norm(x, ly->post_norm, h, M, D, eps);
+        rc |= linear(&ly->gate_up, h, gu, M, threads);
+        keel_silu_mul_f32(gu, act, M, I);
+        rc |= linear(&ly->down, act, t, M, threads);
+        add(x, t, M * D);
+    }
+    free(h);
+    free(qkv);
+    free(att);
+    free(gu);
+    free(act);
+    free(t);
+    return rc ? -1 : 0;
+}

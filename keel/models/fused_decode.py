@@ -1,0 +1,72 @@
+"""Decode steps through the Llama decoder in one C call (keel/kernels/cpu_stack.c).
+
+A decode step at batch 1 does little arithmetic per layer, so the ~11 Python-level calls per layer
+(norms, matmuls, rotary and cache write, attention, activation, residual adds, each with its tensor
+allocations) cost as much as the matmuls themselves: about 7 ms of a 21 ms step with the built-in model on
+the 2-core EPYC. Where every part of every layer runs on keel's CPU kernels anyway (float32 on an AVX2
+CPU: dense, GGUF-block or keel-quantized projections, the float32 paged cache), the whole stack runs as
+one call of the same kernels in the same order, with the same results bit for bit. Anything else
+(prefill chunks, steps with LoRA adapters, Qwen3's q/k norms, bfloat16, GPUs) takes the module path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from keel.layers.attention import AttentionMetadata
+
+
+class DecodeStack:
+    def __init__(self, model, own, layers, dims: tuple, max_rows: int, eps: float, scale: float) -> None:
+        self.model, self.own, self.layers, self.dims = model, own, layers, dims
+        self.max_rows, self.eps, self.scale = max_rows, eps, scale
+        self.cache_ptr = model.model.layers[0].self_attn.attn.k_cache.data_ptr()
+
+    @classmethod
+    def build(cls, model) -> "DecodeStack | None":
+        """The stack of `model` (a LlamaForCausalLM, its caches allocated), or None where some part of it
+        does not run on keel's CPU kernels."""
+        from keel.kernels.cpu import Layer, kernels, lin
+        from keel.models.llama import MLP, Attention, DecoderLayer
+        own = kernels()
+        layers = list(model.model.layers)
+        if own is None or not layers:
+            return None
+        structs, max_rows = [], 1 << 62
+        for layer in layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if (type(layer).forward is not DecoderLayer.forward or not isinstance(attn, Attention) or attn.qk_norm
+                    or type(attn).forward is not Attention.forward or type(mlp) is not MLP or attn.attn.own is None):
+                return None
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            if any(w.dtype != torch.float32 or not w.is_contiguous() for w in norms):
+                return None
+            lins = []
+            for proj in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+                args = proj.gemm_args()
+                bias = proj.bias
+                if args is None or (bias is not None and bias.dtype != torch.float32):
+                    return None
+                fmt, w, scale, zero, group, rows = args
+                max_rows = min(max_rows, rows)
+                lins.append(lin(fmt, w, scale, zero, group, bias))
+            structs.append(Layer(norms[0].data_ptr(), norms[1].data_ptr(), attn.attn.k_cache.data_ptr(),
+                                 attn.attn.v_cache.data_ptr(), *lins))
+        first = layers[0]
+        a = first.self_attn
+        dims = (model.config.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, first.mlp.inter)
+        array = (Layer * len(structs))(*structs)
+        return cls(model, own, array, dims, max_rows, first.input_layernorm.eps, a.attn.scale)
+
+    def runs(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
+        return (meta.max_query_len == 1 and meta.context_lens is not None and x.dtype == torch.float32
+                and x.device.type == "cpu" and x.shape[0] <= self.max_rows
+                and self.model.model.layers[0].self_attn.attn.k_cache.data_ptr() == self.cache_ptr)
+
+    def run(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        """x [T, hidden] -> the hidden states after every layer (x itself, updated in place)."""
+        x = x.contiguous()
+        cos, sin = rope[0].contiguous(), rope[1].contiguous()
+        self.own.decode_stack(self.layers, x, self.dims, self.eps, self.scale, cos, sin, meta.slot_mapping,
+                              meta.gather_blocks, meta.context_lens, meta.block_size)
+        return x

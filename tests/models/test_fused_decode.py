@@ -1,0 +1,40 @@
+"""Decode steps through the whole decoder in one C call (keel/models/fused_decode.py) give exactly what
+the module-by-module path gives, and run wherever every part of the model is on keel's CPU kernels."""
+
+from __future__ import annotations
+
+import pytest
+
+from keel import LLM, SamplingParams
+from keel.kernels.cpu import kernels
+from keel.models.fused_decode import DecodeStack
+
+pytestmark = pytest.mark.skipif(kernels() is None, reason="keel's CPU kernels need Linux, AVX2, FMA and a C compiler")
+
+PROMPTS = [[5, 6, 7], [9, 30, 31, 32, 33, 34, 35, 36, 40], [70], [3, 4] * 20]
+
+
+@pytest.mark.parametrize("case,quant", [("llama-gqa", None), ("llama-bias", None), ("qwen2-bias", None),
+                                        ("llama-tied", None), ("llama-mqa", "int4"), ("llama-gqa", "int8"),
+                                        ("qwen3-qknorm", None)])
+def test_decode_stack_matches_the_module_path_bit_for_bit(checkpoints, case, quant, monkeypatch):
+    folder, _ = checkpoints(case)
+    calls = []
+    run = DecodeStack.run
+    monkeypatch.setattr(DecodeStack, "run", lambda self, *a: calls.append(a[0].shape[0]) or run(self, *a))
+    kw = dict(dtype="float32", max_model_len=128, quantization=quant)
+    fused, plain = LLM(folder, **kw), LLM(folder, **kw)
+    plain.engine.model.decode_stack = False  # the module path only
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, seed=11, max_tokens=10, ignore_eos=True, logprobs=3)
+    for params in (greedy, seeded):
+        a, b = fused.generate(PROMPTS, params), plain.generate(PROMPTS, params)
+        for x, y in zip(a, b):
+            assert x.outputs[0].token_ids == y.outputs[0].token_ids
+            assert [lp.logprob for lp in x.outputs[0].logprobs] == [lp.logprob for lp in y.outputs[0].logprobs]
+            assert [lp.top for lp in x.outputs[0].logprobs] == [lp.top for lp in y.outputs[0].logprobs]
+    if case == "qwen3-qknorm":  # q/k norms are not in the C stack: the module path runs
+        assert fused.engine.model.decode_stack is False and not calls
+    else:
+        assert isinstance(fused.engine.model.decode_stack, DecodeStack)
+        assert max(calls) == len(PROMPTS) and len(calls) >= 2 * 9  # every decode step of both runs
