@@ -34,11 +34,24 @@ W_F32, W_BF16, W_INT4, W_INT8G = 0, 1, 2, 3
 _SCALE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
+class LoraW(ctypes.Structure):
+    """keel_lora_w of cpu_stack.c: one projection's resident adapters (a NULL: none)."""
+    _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("out", ctypes.c_void_p), ("ranks", ctypes.c_void_p),
+                ("scales", ctypes.c_void_p), ("n", ctypes.c_int64), ("max_rank", ctypes.c_int64),
+                ("L", ctypes.c_int64), ("bf16", ctypes.c_int64)]
+
+
+class LoraStep(ctypes.Structure):
+    """keel_lora_step of cpu_stack.c: a step's adapter slots and the scratch they need."""
+    _fields_ = [("slots", ctypes.c_void_p), ("start", ctypes.c_void_p), ("count", ctypes.c_void_p),
+                ("ns", ctypes.c_int64), ("h", ctypes.c_void_p)]
+
+
 class Lin(ctypes.Structure):
-    """keel_lin of cpu_stack.c: one projection as keel_gemm reads it."""
+    """keel_lin of cpu_stack.c: one projection as keel_gemm reads it, and its adapters."""
     _fields_ = [("fmt", ctypes.c_int64), ("sdtype", ctypes.c_int64), ("group", ctypes.c_int64),
                 ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p),
-                ("zero", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+                ("zero", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("lora", LoraW)]
 
 
 class Layer(ctypes.Structure):
@@ -48,12 +61,19 @@ class Layer(ctypes.Structure):
 
 
 def lin(fmt: int, w: torch.Tensor, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
-        group: int = 0, bias: torch.Tensor | None = None) -> Lin:
-    """A Lin over tensors the caller keeps alive (contiguous, float32 bias)."""
+        group: int = 0, bias: torch.Tensor | None = None, lora=None) -> Lin:
+    """A Lin over tensors the caller keeps alive (contiguous, float32 bias); lora: the projection's
+    keel.lora.layers.LinearLoRA, whose stacks and tables stay where they are for its lifetime."""
     ptr = (lambda t: None if t is None else t.data_ptr())
     k = w.shape[1] * (2 if fmt == W_INT4 else 1)
     sdtype = 0 if scale is None else _SCALE_DTYPES[scale.dtype]
-    return Lin(fmt, sdtype, group, w.shape[0], k, w.data_ptr(), ptr(scale), ptr(zero), ptr(bias))
+    adapters = LoraW()
+    if lora is not None:
+        a = lora.a
+        adapters = LoraW(a.data_ptr(), ctypes.cast(lora._b_ptrs, ctypes.c_void_p), ctypes.cast(lora._out_sizes, ctypes.c_void_p),
+                         lora._rank_table.data_ptr(), lora._scale_table.data_ptr(), len(lora._out_sizes),
+                         a.shape[1] // len(lora._out_sizes), a.shape[0], int(a.dtype == torch.bfloat16))
+    return Lin(fmt, sdtype, group, w.shape[0], k, w.data_ptr(), ptr(scale), ptr(zero), ptr(bias), adapters)
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-lm"]
 _lock = threading.Lock()
 _state: dict = {}
@@ -115,7 +135,7 @@ class CPUKernels:
         lib.keel_rope_cache_f32.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64]
         lib.keel_silu_mul_f32.restype = lib.keel_rope_cache_f32.restype = None
         lib.keel_decode_stack.argtypes = [p, i64, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_float,
-                                          p, p, p, p, i64, p, i64, c_int]
+                                          p, p, p, p, i64, p, i64, p, c_int]
         lib.keel_decode_stack.restype = c_int
         for f in (lib.keel_lora_f32, lib.keel_lora_bf16):
             f.argtypes = [p, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, c_int]
@@ -143,13 +163,14 @@ class CPUKernels:
 
     def decode_stack(self, layers, x: torch.Tensor, dims: tuple, eps: float, scale: float, cos: torch.Tensor,
                      sin: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor, context_lens: torch.Tensor,
-                     block_size: int) -> None:
+                     block_size: int, lora: "LoraStep | None" = None) -> None:
         """Run x float32 [M, D] (contiguous, updated in place) through every decoder layer of `layers` (a
         ctypes array of Layer) for one decode step; dims (D, H, KVH, HD, I). See cpu_stack.c."""
         m = x.shape[0]
         rc = self.lib.keel_decode_stack(layers, len(layers), x.data_ptr(), m, *dims, eps, scale, cos.data_ptr(),
                                         sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), tables.shape[1],
-                                        context_lens.data_ptr(), block_size, torch.get_num_threads())
+                                        context_lens.data_ptr(), block_size,
+                                        None if lora is None else ctypes.byref(lora), torch.get_num_threads())
         if rc != 0:
             raise MemoryError("keel's decode-step kernel could not allocate its buffers")
 

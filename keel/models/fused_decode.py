@@ -5,8 +5,9 @@ A decode step at batch 1 does little arithmetic per layer, so the ~11 Python-lev
 allocations) cost as much as the matmuls themselves: about 7 ms of a 21 ms step with the built-in model on
 the 2-core EPYC. Where every part of every layer runs on keel's CPU kernels anyway (float32 on an AVX2
 CPU: dense, GGUF-block or keel-quantized projections, the float32 paged cache), the whole stack runs as
-one call of the same kernels in the same order, with the same results bit for bit. Anything else
-(prefill chunks, steps with LoRA adapters, Qwen3's q/k norms, bfloat16, GPUs) takes the module path.
+one call of the same kernels in the same order, with the same results bit for bit; LoRA adapters' updates
+too, through the batched LoRA kernel, where every slot of the step has at most KERNEL_MAX_ROWS tokens.
+Anything else (prefill chunks, Qwen3's q/k norms, bfloat16, GPUs) takes the module path.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ from __future__ import annotations
 import torch
 
 from keel.layers.attention import AttentionMetadata
+from keel.lora.layers import LoRAMetadata
 
 
 class DecodeStack:
-    def __init__(self, model, own, layers, dims: tuple, max_rows: int, eps: float, scale: float) -> None:
+    def __init__(self, model, own, layers, dims: tuple, max_rows: int, eps: float, scale: float, loras: list,
+                 lora_ok: bool) -> None:
         self.model, self.own, self.layers, self.dims = model, own, layers, dims
         self.max_rows, self.eps, self.scale = max_rows, eps, scale
+        self.loras, self.lora_ok = loras, lora_ok  # the LinearLoRA layers; all on keel's kernel
+        self.h_cols = max((lo.a.shape[1] for lo in loras), default=0)
         self.cache_ptr = model.model.layers[0].self_attn.attn.k_cache.data_ptr()
 
     @classmethod
@@ -32,7 +37,7 @@ class DecodeStack:
         layers = list(model.model.layers)
         if own is None or not layers:
             return None
-        structs, max_rows = [], 1 << 62
+        structs, max_rows, loras, lora_ok = [], 1 << 62, [], True
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
             if (type(layer).forward is not DecoderLayer.forward or not isinstance(attn, Attention) or attn.qk_norm
@@ -49,24 +54,39 @@ class DecodeStack:
                     return None
                 fmt, w, scale, zero, group, rows = args
                 max_rows = min(max_rows, rows)
-                lins.append(lin(fmt, w, scale, zero, group, bias))
+                lora = proj.lora
+                if lora is not None and lora.kernel is None:
+                    lora_ok, lora = False, None  # adapters there, but not on keel's kernel: steps with them go by module
+                if lora is not None:
+                    loras.append(lora)
+                lins.append(lin(fmt, w, scale, zero, group, bias, lora))
             structs.append(Layer(norms[0].data_ptr(), norms[1].data_ptr(), attn.attn.k_cache.data_ptr(),
                                  attn.attn.v_cache.data_ptr(), *lins))
         first = layers[0]
         a = first.self_attn
         dims = (model.config.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, first.mlp.inter)
         array = (Layer * len(structs))(*structs)
-        return cls(model, own, array, dims, max_rows, first.input_layernorm.eps, a.attn.scale)
+        return cls(model, own, array, dims, max_rows, first.input_layernorm.eps, a.attn.scale, loras, lora_ok)
 
-    def runs(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
+    def runs(self, x: torch.Tensor, meta: AttentionMetadata, lora: LoRAMetadata | None = None) -> bool:
+        if lora is not None and not (self.lora_ok and lora.kernel_slots is not None and not lora.kernel_rest
+                                     and not any(lo.pad_ranks for lo in self.loras)):
+            return False
         return (meta.max_query_len == 1 and meta.context_lens is not None and x.dtype == torch.float32
                 and x.device.type == "cpu" and x.shape[0] <= self.max_rows
                 and self.model.model.layers[0].self_attn.attn.k_cache.data_ptr() == self.cache_ptr)
 
-    def run(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+    def run(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+            lora: LoRAMetadata | None = None) -> torch.Tensor:
         """x [T, hidden] -> the hidden states after every layer (x itself, updated in place)."""
+        from keel.kernels.cpu import LoraStep
         x = x.contiguous()
         cos, sin = rope[0].contiguous(), rope[1].contiguous()
+        step = None
+        if lora is not None:
+            slots, starts, counts = lora.kernel_slots
+            h = torch.empty(x.shape[0], self.h_cols, dtype=torch.float32)  # alive through the call
+            step = LoraStep(slots.data_ptr(), starts.data_ptr(), counts.data_ptr(), slots.numel(), h.data_ptr())
         self.own.decode_stack(self.layers, x, self.dims, self.eps, self.scale, cos, sin, meta.slot_mapping,
-                              meta.gather_blocks, meta.context_lens, meta.block_size)
+                              meta.gather_blocks, meta.context_lens, meta.block_size, step)
         return x

@@ -119,8 +119,8 @@ class LlamaForCausalLM(nn.Module):
         if self.decode_stack is None:
             from keel.models.fused_decode import DecodeStack
             self.decode_stack = DecodeStack.build(self) or False
-        if lora is None and self.decode_stack and self.decode_stack.runs(x, meta):
-            return self.model.norm(self.decode_stack.run(x, rope, meta))  # one call for every layer
+        if self.decode_stack and self.decode_stack.runs(x, meta, lora):
+            return self.model.norm(self.decode_stack.run(x, rope, meta, lora))  # one call for every layer
         for layer in self.model.layers:
             x = layer(x, rope, meta, lora)
         return self.model.norm(x)

@@ -42,7 +42,16 @@ def test_sixteen_concurrent_streams_are_batched(server, client):
     assert m["keel_requests_running_max"] > 1, "the engine never ran two requests in one step"
 
 
-def test_client_disconnect_frees_the_kv_cache(server):
+def slow_steps(server, monkeypatch) -> None:
+    """Each engine step takes at least 5 ms, so a long generation outlasts a client that leaves early
+    whatever the machine (the tiny model alone decodes 250 tokens in about 0.3 s)."""
+    engine = server.state.engine
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: time.sleep(0.005) or step())
+
+
+def test_client_disconnect_frees_the_kv_cache(server, monkeypatch):
+    slow_steps(server, monkeypatch)
     before = server.wait_idle()
     with server.http() as http:
         body = chat_body(max_tokens=200, stream=True, ignore_eos=True)
@@ -64,7 +73,8 @@ def test_client_disconnect_frees_the_kv_cache(server):
     assert pool.num_free == pool.num_blocks
 
 
-def test_non_streamed_client_that_gives_up_is_aborted(server):
+def test_non_streamed_client_that_gives_up_is_aborted(server, monkeypatch):
+    slow_steps(server, monkeypatch)
     before = server.wait_idle()
     with server.http(timeout=0.3) as http:
         try:
