@@ -19,6 +19,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8", "int4", "gguf", "none"], default=None,
                    help="quantize the linear projections' weights as they load (int8, int4); gguf keeps a GGUF "
                         "file's Q4_0/Q4_1/Q8_0 blocks (the default for such files on CPU), none dequantizes them")
+    p.add_argument("--weight-dtype", choices=["auto", "bfloat16", "model"], default="auto",
+                   help="float32 models on CPU: auto keeps weights the checkpoint stores in bfloat16 so (exact, "
+                        "half the memory), bfloat16 rounds all dense weights to it, model keeps the model dtype")
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -31,7 +34,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 def _llm(args):
     from keel import LLM
     return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-               quantization=args.quantize)
+               quantization=args.quantize, weight_dtype=args.weight_dtype)
 
 
 def _params(args):
@@ -140,7 +143,7 @@ def cmd_serve(args) -> int:
         engine_threads = torch.get_num_threads()
         torch.set_num_threads(1)
     engine = LLMEngine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                       quantization=args.quantize, lora=lora,
+                       quantization=args.quantize, lora=lora, weight_dtype=args.weight_dtype,
                        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs))
     for folder in args.lora_dir or []:
         names = engine.register_lora_dir(folder)

@@ -22,14 +22,19 @@ class LLM:
                  block_size: int = 16, num_blocks: int | None = None, kv_cache_memory_gb: float = 1.0,
                  enable_prefix_caching: bool = True, quantization=None, enable_lora: bool = False,
                  max_loras: int = 8, max_lora_rank: int = 16, max_cpu_loras: int | None = None,
-                 lora_dtype: str = "auto") -> None:
+                 lora_dtype: str = "auto", weight_dtype: str = "auto") -> None:
         """quantization: "int8" or "int4" quantizes the weights as they load (or a keel.quant.QuantConfig
-        for the int4 group size, or to quantize the embedding and output head too).
+        for the int4 group size, or to quantize the embedding and output head too); "gguf" keeps a GGUF
+        file's blocks (its default on CPU), "none" dequantizes them.
+        weight_dtype: how a float32 model on CPU holds its dense weights: "auto" keeps those the
+        checkpoint stores in bfloat16 in bfloat16 (exact, half the memory and bytes per token; keel's
+        kernels compute in float32), "bfloat16" rounds every one to it, "model" keeps the model dtype.
         enable_lora: serve LoRA adapters (generate's lora_request), at most max_loras in one step, of rank
         up to max_lora_rank, max_cpu_loras of them kept loaded in memory, stored as lora_dtype (see
         keel.config.LoRAConfig)."""
         self.engine = LLMEngine(
             model, dtype=dtype, device=device, max_model_len=max_model_len, quantization=quantization,
+            weight_dtype=weight_dtype,
             cache=CacheConfig(block_size, num_blocks, kv_cache_memory_gb, enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
             lora=LoRAConfig(max_loras, max_lora_rank, max_cpu_loras, lora_dtype=lora_dtype) if enable_lora else None)

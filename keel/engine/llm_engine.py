@@ -41,6 +41,9 @@ class _Group:
     adapter_id: int | None = None
 
 
+WEIGHT_DTYPES = ("auto", "bfloat16", "model")
+
+
 def default_gguf_quantization(ckpt, device: torch.device, dtype: torch.dtype):
     """A GGUF file's weights in Q4_0/Q4_1/Q8_0 blocks are served as they are (QuantConfig("gguf")) on a
     CPU where keel's kernels compute a float32 model with them: what llama.cpp and Ollama users expect,
@@ -60,12 +63,17 @@ def default_gguf_quantization(ckpt, device: torch.device, dtype: torch.dtype):
 class LLMEngine:
     def __init__(self, model: str | None = None, *, dtype=None, device: str | None = None,
                  cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None,
-                 max_model_len: int | None = None, quantization=None, lora: LoRAConfig | None = None) -> None:
+                 max_model_len: int | None = None, quantization=None, lora: LoRAConfig | None = None,
+                 weight_dtype: str = "auto") -> None:
         """quantization: "int8", "int4" or a keel.quant.QuantConfig (weight-only, at load; a checkpoint
         written by `keel quantize` is quantized already and needs none); "gguf" keeps a GGUF file's
         Q4_0/Q4_1/Q8_0 blocks as they are, "none" dequantizes them; None: "gguf" for a GGUF file with such
         blocks where keel's CPU kernels serve a float32 model (see default_gguf_quantization), else none.
-        lora: serve LoRA adapters (see add_lora); None: base model only."""
+        lora: serve LoRA adapters (see add_lora); None: base model only.
+        weight_dtype: "auto", "bfloat16" or "model": see keel.LLM."""
+        if weight_dtype not in WEIGHT_DTYPES:
+            raise InvalidRequestError(f"weight_dtype={weight_dtype!r} is invalid: use one of {', '.join(WEIGHT_DTYPES)}")
+        self.weight_dtype = weight_dtype
         self.device = pick_device(device)
         if self.device.type == "cpu":
             # Denormal floats (common in attention and small activations) make x86 float math 10-50x
@@ -106,7 +114,7 @@ class LLMEngine:
         self.model = build_model(ckpt, self.dtype, self.device, self.max_model_len, quantization)
         self.quantization = resolve_quantization(ckpt.quantization, quantization, ckpt.name)
         if self.device.type == "cpu":
-            self.model.pack_for_cpu()
+            self.model.pack_for_cpu(weight_dtype)
         self.lora = None
         if lora is not None:
             from keel.lora.manager import LoRAManager

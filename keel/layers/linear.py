@@ -20,10 +20,19 @@ from keel.errors import ModelLoadError
 # / 24.6, MKL 0.85 / 2.23 / 7.13 / 24.6; at 1 row, over a whole model's cold weights, keel reads them at
 # the machine's copy bandwidth (17.8 ms for SmolLM2's 425 MB against oneDNN's 21.0).
 OWN_F32_MAX_ROWS = 256
-# bfloat16 weights on a CPU without bf16 matmuls: keel's kernel reads them as bf16 and computes in
-# float32; from 64 rows on the weight is widened to float32 for MKL (128 rows: 5.8 ms widening
-# included, against 27.6 ms for bf16 F.linear).
-OWN_BF16_MAX_ROWS = 64
+# bfloat16 weights (of a bf16 model on a CPU without bf16 matmuls, or kept in bf16 under a float32
+# model): keel's kernel reads them as bf16 and computes in float32, each panel widened once in L1;
+# 3072x576 at 64 / 256 rows 1.4 / 7.6 ms against bf16 F.linear's 12.7 / 53.7 (cold,
+# bench/results/cpu_kernels.md). More rows widen the whole weight for MKL.
+OWN_BF16_MAX_ROWS = 256
+
+
+def keeps_bf16(param: torch.Tensor, weight_dtype: str | None) -> bool:
+    """Is a float32 model's weight to be held in bfloat16? weight_dtype "bfloat16": yes (rounded);
+    "auto": where the checkpoint stored it in bfloat16, so that nothing is rounded; else no."""
+    if param.dtype != torch.float32 or weight_dtype not in ("auto", "bfloat16"):
+        return False
+    return weight_dtype == "bfloat16" or getattr(param, "checkpoint_dtypes", None) == {torch.bfloat16}
 
 if TYPE_CHECKING:
     from keel.lora.layers import LinearLoRA, LoRAMetadata
@@ -99,9 +108,10 @@ class Linear(nn.Module):
     own_fmt = 0
     own_max_rows = 0
 
-    def pack_for_cpu(self) -> bool:
+    def pack_for_cpu(self, weight_dtype: str | None = None) -> bool:
         """Choose this layer's CPU matmul: keel's own (see _use_own), else the weight reordered into
-        oneDNN's blocked layout (the dense copy dropped).
+        oneDNN's blocked layout (the dense copy dropped). weight_dtype "auto" or "bfloat16": a float32
+        layer may hold its weight in bfloat16 for keel's kernel (see keeps_bf16).
 
         oneDNN, measured on a 2-core AVX2 EPYC, float32 (bench/kernels.py, bench/results/kernels.md): a
         3072x576 projection at 16 tokens 0.6 ms packed against 1.15 ms for F.linear (MKL), the 49152x576
@@ -110,6 +120,8 @@ class Linear(nn.Module):
         """
         if self.weight.device.type != "cpu":
             return False
+        if keeps_bf16(self.weight, weight_dtype) and self._use_own(store_bf16=True):
+            return True
         if self._use_own():
             return True
         if not torch.backends.mkldnn.is_available():
@@ -128,28 +140,33 @@ class Linear(nn.Module):
         self.weight.data = torch.empty(0, dtype=self.weight.dtype)
         return True
 
-    def _use_own(self) -> bool:
+    def _use_own(self, store_bf16: bool = False) -> bool:
         """keel's matmul (float32 arithmetic, the weight read as stored) for a float32 layer, and for a
         bfloat16 one on a CPU without bf16 instructions, up to OWN_F32_MAX_ROWS / OWN_BF16_MAX_ROWS rows;
         F.linear above. Where the CPU has bf16 matmuls (AMX, AVX512-BF16) a bf16 layer uses oneDNN's.
-        Checked on a probe against F.linear before it is used."""
+        store_bf16: a float32 layer's weight is held in bfloat16 from here on. Checked on a probe against
+        F.linear before it is used."""
         from keel.engine.device import BF16_CPU_FLAGS, cpu_flags
         from keel.kernels.cpu import W_BF16, W_F32, kernels
         own = kernels()
         if own is None or self.in_features % 8:
             return False
-        if self.weight.dtype == torch.float32:
+        if store_bf16:
+            fmt, rows = W_BF16, OWN_BF16_MAX_ROWS
+        elif self.weight.dtype == torch.float32:
             fmt, rows = W_F32, OWN_F32_MAX_ROWS
         elif self.weight.dtype == torch.bfloat16 and not cpu_flags() & BF16_CPU_FLAGS:
             fmt, rows = W_BF16, OWN_BF16_MAX_ROWS
         else:
             return False
-        w = self.weight.data.contiguous()
+        w = self.weight.data.to(torch.bfloat16) if store_bf16 else self.weight.data.contiguous()
         x = torch.randn(3, self.in_features, generator=torch.Generator().manual_seed(0))
         want = x @ w.float().t()
         if not torch.allclose(own.gemm(x, fmt, w), want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
             return False
-        self.weight.data, self.own, self.own_fmt, self.own_max_rows = w, own, fmt, rows
+        self.weight.data, self.own, self.own_fmt, self.own_max_rows = w.contiguous(), own, fmt, rows
+        if self.bias is not None and store_bf16:
+            self.bias.data = self.bias.data.float()
         return True
 
     def gemm_args(self):

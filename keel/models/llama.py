@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from keel.layers.attention import AttentionMetadata, PagedAttention
-from keel.layers.linear import Linear
+from keel.layers.linear import Linear, keeps_bf16
 from keel.layers.norm import RMSNorm
 from keel.layers.rotary import RotaryEmbedding
 from keel.lora.layers import LoRAMetadata
@@ -98,6 +98,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype, device) -> None:
         super().__init__()
         self.config = cfg
+        self.dtype = dtype
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
@@ -115,6 +116,8 @@ class LlamaForCausalLM(nn.Module):
                 lora: LoRAMetadata | None = None) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden states [T, hidden]; lora: the step's adapter slots, if any
         x = self.model.embed_tokens(input_ids)
+        if x.dtype != self.dtype:  # an embedding table held in bfloat16 under a float32 model
+            x = x.to(self.dtype)
         rope = self.rotary.lookup(positions)
         if self.decode_stack is None:
             from keel.models.fused_decode import DecodeStack
@@ -133,17 +136,26 @@ class LlamaForCausalLM(nn.Module):
             return F.linear(hidden, self.model.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
 
-    def pack_for_cpu(self) -> None:
-        """Move every projection to the CPU's fastest matmul layout (see Linear.pack_for_cpu). A tied
-        output head gets its own packed copy: the embedding lookup still needs the plain table."""
+    def pack_for_cpu(self, weight_dtype: str | None = None) -> None:
+        """Move every projection to the CPU's fastest matmul layout (see Linear.pack_for_cpu), its weight
+        held in bfloat16 where weight_dtype says so (see keel.layers.linear.keeps_bf16). A tied output head
+        gets a matmul layer over the embedding table: the same tensor where keel's kernel reads it as is,
+        else a packed copy (the lookup still needs the plain table)."""
         for m in self.modules():
             if isinstance(m, Linear):
-                m.pack_for_cpu()
+                m.pack_for_cpu(weight_dtype)
+        emb = self.model.embed_tokens
+        bf16 = isinstance(emb, nn.Embedding) and keeps_bf16(emb.weight, weight_dtype)
         if self.lm_head is None:
-            head = Linear(self.config.hidden_size, self.config.vocab_size, dtype=self.model.embed_tokens.weight.dtype)
-            head.weight.data = self.model.embed_tokens.weight.data
-            if head.pack_for_cpu():
+            head = Linear(self.config.hidden_size, self.config.vocab_size, dtype=emb.weight.dtype)
+            head.weight.data = emb.weight.data
+            if bf16 and head._use_own(store_bf16=True):
+                emb.weight.data = head.weight.data  # one bfloat16 table for lookups and head
                 self.tied_head = head
+            elif head.pack_for_cpu():
+                self.tied_head = head
+        elif bf16:
+            emb.weight.data = emb.weight.data.bfloat16()  # lookups only: forward widens the rows
 
     def weight_bytes(self) -> int:
         """Bytes of weights held (a packed tied head counted once more)."""

@@ -172,6 +172,8 @@ def load_weights(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tens
                 raise ModelLoadError(f"{name} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
             else:
                 param.data.copy_(tensor)
+            # what the file held, so that weights stored in bfloat16 can be kept so, exactly (Linear.pack_for_cpu)
+            param.checkpoint_dtypes = getattr(param, "checkpoint_dtypes", frozenset()) | {tensor.dtype}
         loaded.add(name if shard is None else f"{name}:{shard}")
     expected = set()
     for pname, p in params.items():

@@ -99,7 +99,7 @@ class QuantLinear(Linear):
             self.prepare()
         return self._gemm
 
-    def pack_for_cpu(self) -> bool:
+    def pack_for_cpu(self, weight_dtype: str | None = None) -> bool:
         if self.fast is None:  # prepare() moves tensors into a kernel's layout: once
             self.prepare()
         return self.fast is not False

@@ -52,6 +52,8 @@ def system_fingerprint(engine) -> str:
     quant = getattr(engine, "quantization", None)  # quantizing at load changes the weights the files hold
     quant = quant.describe() if quant is not None else "none"
     h.update(f"|dtype={engine.dtype}|device={device}|quant={quant}|keel={keel.__version__}".encode())
+    if getattr(engine, "weight_dtype", "auto") == "bfloat16":  # rounds weights; "auto" keeps them exact
+        h.update(b"|weights=bfloat16")
     return "fp_" + h.hexdigest()[:10]
 
 
