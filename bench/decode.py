@@ -112,8 +112,10 @@ def machine() -> str:
     return f"{cpu} ({isa}), {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-KEEL_CONFIGS = [("default", None, None), ("float32", "float32", "none"), ("bfloat16", "bfloat16", "none"),
-                ("int8", "float32", "int8"), ("int4", "float32", "int4")]  # label, dtype, quantization
+KEEL_CONFIGS = [("default", None, None, "auto"), ("float32", "float32", "none", "auto"),
+                ("bf16 weights", "float32", "none", "bfloat16"), ("bfloat16", "bfloat16", "none", "auto"),
+                ("int8", "float32", "int8", "auto"), ("int4", "float32", "int4", "auto")]
+# label, dtype, quantization, weight_dtype
 
 
 def main() -> None:
@@ -128,13 +130,14 @@ def main() -> None:
 
     bw = copy_bandwidth()
     keel_tps, wbytes, dtypes = {}, {}, {}
-    for label, dtype, quant in KEEL_CONFIGS:
+    for label, dtype, quant, weight_dtype in KEEL_CONFIGS:
         if label not in wanted:
             continue
-        llm = LLM(dtype=dtype, quantization=quant)
+        llm = LLM(dtype=dtype, quantization=quant, weight_dtype=weight_dtype)
         q = llm.engine.quantization
         dtypes[label] = str(llm.engine.dtype).replace("torch.", "") + ", " + (
-            "none" if q is None else "GGUF blocks" if q.method == "gguf" else q.describe())
+            ("bf16 weights" if weight_dtype == "bfloat16" else "dense") if q is None
+            else "GGUF blocks" if q.method == "gguf" else q.describe())
         wbytes[label] = weight_bytes_per_token(llm.engine.model)
         keel_tps[label] = {b: bench_keel(llm, b, args.new_tokens) for b in batches}
         print(label, keel_tps[label], flush=True)
