@@ -260,10 +260,14 @@ def main() -> None:
     lora_store = str(eng.lora.store_dtype).replace("torch.", "")
     del llm, eng
 
+    quant = eng.quantization
+    weights = "dense" if quant is None else "its GGUF blocks" if quant.method == "gguf" else quant.describe()
+
     def write_report() -> None:
         lines = [f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}; load average {load_at_start:.1f} at the start "
                  f"(other jobs share the machine)",
-                 f"Built-in model SmolLM2-135M-Instruct (GGUF dequantized, float32); {NUM_REQUESTS} requests, "
+                 f"Built-in model SmolLM2-135M-Instruct ({weights}, float32 compute; PEFT on the dequantized "
+                 f"weights); {NUM_REQUESTS} requests, "
                  f"greedy, {NEW_TOKENS} new tokens each, all submitted at once; adapters rank 8 and 16 (alternating) "
                  f"on all seven projections, bfloat16 on disk; keel max_loras={MAX_LORAS}, "
                  f"max_cpu_loras={MAX_LORAS}, adapters stored as {lora_store}, prefix cache off; "
