@@ -101,7 +101,7 @@ def _compile() -> str | None:
         log.info("no C compiler: keel's CPU kernels are off")
         return None
     tag = hashlib.blake2b(src + " ".join([cc, *FLAGS]).encode(), digest_size=8).hexdigest()
-    out = os.path.join(_cache_dir(), f"cpu_gemv-{tag}.so")
+    out = os.path.join(_cache_dir(), f"keel_cpu-{tag}.so")
     if os.path.isfile(out):
         return out
     os.makedirs(_cache_dir(), exist_ok=True)
