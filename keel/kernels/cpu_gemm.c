@@ -1,12 +1,14 @@
-/* y = x Wᵀ for a few float32 rows (decode steps and small batches), on x86 CPUs with AVX2 and FMA, with W
- * in one of several storage formats, read as it is stored and widened to float32 in registers:
+/* y = x Wᵀ for 1 to a few hundred float32 rows (decode steps, small batches, prefill chunks), on x86 CPUs
+ * with AVX2, FMA and F16C, with W in one of several storage formats, read as it is stored and widened to
+ * float32:
  *
  *   KEEL_W_F32   float32 [N, K]
  *   KEEL_W_BF16  bfloat16 [N, K]
  *   KEEL_W_INT4  4-bit codes [N, K / 2] (channel 2j in the low nibble of byte j), per group of `group`
  *                channels a scale s and zero z: w = (code - 8) * s + z   (scale, zero [N, K / group]);
- *                one rounding, as keel/quant/int4.py's dequantize (the product is exact for scales of
- *                up to 20 significant bits, as bfloat16 and float16 ones are)
+ *                the panel path widens each weight with one rounding, as keel/quant/int4.py's dequantize
+ *                (the product is exact for scales of up to 20 significant bits, as bfloat16 and float16
+ *                ones are); the few-row path sums s * code * x and adds (z - 8 s) * sum(x) per group
  *   KEEL_W_INT8G int8 codes [N, K], per group a scale: w = code * s   (scale [N, K / group]; one group
  *                of K is per-channel int8)
  * Scales and zeros are float32, bfloat16 or float16 (sdtype: KEEL_S_*), widened to float32 per group.
@@ -15,9 +17,10 @@
  * scratch buffer that stays in L1/L2 (so each weight is decoded once, however many rows x has), then a
  * register-tiled loop computes MB rows of x by NB panel rows at a time: MB * NB accumulators of 8 lanes
  * along K, one load of each x and w vector serving NB and MB FMAs. Sums across lanes happen once per
- * tile, at the end. Panels are split across OpenMP threads.
+ * tile, at the end. Panels are split across OpenMP threads. With at most MB rows, INT4 and INT8G skip the
+ * buffer: each weight is widened in registers and used at once (int4_few, int8_few).
  *
- * K % 8 == 0; for INT4 group is 16 times a power of two, for INT8G group % 8 == 0, and K % group == 0.
+ * K % 8 == 0; for INT4 group % 16 == 0, for INT8G group % 8 == 0, and K % group == 0.
  */
 #include "cpu_simd.h"
 #include <immintrin.h>
@@ -268,7 +271,7 @@ int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const v
             return 0;
         }
     }
-    if (fmt == KEEL_W_INT4 && M <= MB) {
+    if (fmt == KEEL_W_INT4 && M <= MB && ((group / 16) & (group / 16 - 1)) == 0) {
         const int64_t G = K / group;
         float xsum[MB * G];
         for (int64_t i = 0; i < M * G; i++) {
