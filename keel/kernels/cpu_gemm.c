@@ -39,6 +39,7 @@ static inline float scalar(const void *t, int sdtype, int64_t i) {
 
 #define MB 4
 #define NB 3
+#define FEW_MAXG 1024 /* most groups per row on the few-row paths */
 
 /* y[i, j] = x[i] . w[j] for i < mb, j < nb (compile-time constants once inlined). */
 static inline __attribute__((always_inline)) void tile(const float *x, int64_t ldx, const float *w, int64_t ldw,
@@ -135,7 +136,28 @@ static inline void widen(const void *t, int sdtype, int64_t off, int64_t G, floa
     for (; g < G; g++) out[g] = scalar(t, sdtype, off + g);
 }
 
-/* INT4 for a few rows (M <= MB), the weights widened in registers and never stored: output rows n0..n1 of
+/* The accumulators of the few-row paths, as named variables: held in an array, GCC kept them in memory and
+ * stored all of them on every iteration (4 stores per 32 weights), which bounded the loop. Pair (i, j):
+ * row i of x, output row j; b: the odd channels / second half, when split. */
+#define FEW_PAIRS(X) X(0, 0) X(0, 1) X(1, 0) X(1, 1) X(2, 0) X(2, 1) X(3, 0) X(3, 1)
+#define FEW_DECL(i, j) __m256 a##i##j = _mm256_setzero_ps(), b##i##j = _mm256_setzero_ps();
+#define FEW_STEP(i, j)                                                                    \
+    if (i < mb && j < nb) {                                                               \
+        a##i##j = _mm256_fmadd_ps(wa##j, xa##i, a##i##j);                                 \
+        if (split)                                                                        \
+            b##i##j = _mm256_fmadd_ps(wb##j, xb##i, b##i##j);                             \
+        else                                                                              \
+            a##i##j = _mm256_fmadd_ps(wb##j, xb##i, a##i##j);                             \
+    }
+#define FEW_OUT(i, j) \
+    if (i < mb && j < nb) y[i * N + n + j] = hsum(split ? _mm256_add_ps(a##i##j, b##i##j) : a##i##j) + offs[i][j];
+#define FEW_LOADX(i, ptr)                                              \
+    if (i < mb) {                                                      \
+        xa##i = _mm256_loadu_ps((ptr) + i * K);                        \
+        xb##i = _mm256_loadu_ps((ptr) + i * K + 8);                    \
+    }
+
+/* INT4 for a few rows (M <= MB), the weights widened in registers and never stored: output rows n..n+nb of
  * y = sum_g s_g * (x_g . code_g) + (z_g - 8 s_g) * sum(x_g). xp is x permuted by permute16 (the order
  * the codes widen in), xsum [M, G] the group sums of x. Two output rows at a time; with one or two
  * rows of x, even and odd channels go to separate accumulators (more independent FMA chains). */
@@ -146,11 +168,10 @@ static inline __attribute__((always_inline)) void int4_few(const float *xp, cons
     const int split = mb <= 2;
     const int64_t G = K / group;
     const __m256i low = _mm256_set1_epi32(0x0F);
-    __m256 acc[MB][2], acc1[MB][2]; /* acc1: odd channels, when split */
     float offs[MB][2] = {{0}};
     const int64_t B = K / 16;
     const int sh = __builtin_ctzll((unsigned long long)(group / 16)); /* block of 16 channels -> group */
-    float sf[2][G], zg[G];
+    float sf[2][FEW_MAXG], zg[FEW_MAXG];
     for (int j = 0; j < nb; j++) {
         widen(scale, sdtype, (n + j) * G, G, sf[j]);
         widen(zero, sdtype, (n + j) * G, G, zg);
@@ -159,33 +180,29 @@ static inline __attribute__((always_inline)) void int4_few(const float *xp, cons
             for (int i = 0; i < mb; i++) offs[i][j] += zp * xsum[i * G + g];
         }
     }
-    for (int i = 0; i < mb; i++)
-        for (int j = 0; j < nb; j++) acc[i][j] = acc1[i][j] = _mm256_setzero_ps();
-    const uint8_t *wr = w + n * (K / 2);
+    FEW_PAIRS(FEW_DECL)
+    const uint8_t *w0 = w + n * (K / 2), *w1 = w0 + K / 2;
     for (int64_t bl = 0; bl < B; bl++) {
-        __m256 ev[2], od[2];
-        for (int j = 0; j < nb; j++) {
-            __m256 sv = _mm256_broadcast_ss(&sf[j][bl >> sh]);
-            __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(wr + j * (K / 2) + 8 * bl)));
-            ev[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(d, low)), sv);
-            od[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(d, 4)), sv);
+        __m256 wa0, wb0, wa1 = _mm256_setzero_ps(), wb1 = _mm256_setzero_ps();
+        __m256 xa0, xb0, xa1 = wa1, xb1 = wa1, xa2 = wa1, xb2 = wa1, xa3 = wa1, xb3 = wa1;
+        {
+            __m256 sv = _mm256_broadcast_ss(&sf[0][bl >> sh]);
+            __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w0 + 8 * bl)));
+            wa0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(d, low)), sv);
+            wb0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(d, 4)), sv);
         }
-        for (int i = 0; i < mb; i++) {
-            __m256 xe = _mm256_loadu_ps(xp + i * K + 16 * bl), xo = _mm256_loadu_ps(xp + i * K + 16 * bl + 8);
-            for (int j = 0; j < nb; j++) {
-                acc[i][j] = _mm256_fmadd_ps(ev[j], xe, acc[i][j]);
-                if (split)
-                    acc1[i][j] = _mm256_fmadd_ps(od[j], xo, acc1[i][j]);
-                else
-                    acc[i][j] = _mm256_fmadd_ps(od[j], xo, acc[i][j]);
-            }
+        if (nb > 1) {
+            __m256 sv = _mm256_broadcast_ss(&sf[1][bl >> sh]);
+            __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w1 + 8 * bl)));
+            wa1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(d, low)), sv);
+            wb1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(d, 4)), sv);
         }
+        xa0 = _mm256_loadu_ps(xp + 16 * bl);
+        xb0 = _mm256_loadu_ps(xp + 16 * bl + 8);
+        FEW_LOADX(1, xp + 16 * bl) FEW_LOADX(2, xp + 16 * bl) FEW_LOADX(3, xp + 16 * bl)
+        FEW_PAIRS(FEW_STEP)
     }
-    for (int i = 0; i < mb; i++)
-        for (int j = 0; j < nb; j++) {
-            __m256 a = split ? _mm256_add_ps(acc[i][j], acc1[i][j]) : acc[i][j];
-            y[i * N + n + j] = hsum(a) + offs[i][j];
-        }
+    FEW_PAIRS(FEW_OUT)
 }
 
 #define FEW_CASE(a, b) \
@@ -205,33 +222,32 @@ static inline __attribute__((always_inline)) void int8_few(const float *x, const
                                                             int sdtype, int64_t G, int sh, float *y, int64_t N,
                                                             int64_t K, int64_t n, const int mb, const int nb) {
     const int split = mb <= 2;
-    __m256 acc[MB][2], acc1[MB][2];
-    float sf[2][G];
+    const float offs[MB][2] = {{0}};
+    float sf[2][FEW_MAXG];
     for (int j = 0; j < nb; j++) widen(scale, sdtype, (n + j) * G, G, sf[j]);
-    for (int i = 0; i < mb; i++)
-        for (int j = 0; j < nb; j++) acc[i][j] = acc1[i][j] = _mm256_setzero_ps();
-    const int8_t *wr = w + n * K;
+    FEW_PAIRS(FEW_DECL)
+    const int8_t *w0 = w + n * K, *w1 = w0 + K;
     for (int64_t bl = 0; bl < K / 8; bl += 2) {
-        __m256 w0[2], w1[2];
-        for (int j = 0; j < nb; j++) {
-            __m256 s0 = _mm256_broadcast_ss(&sf[j][bl >> sh]), s1 = _mm256_broadcast_ss(&sf[j][(bl + 1) >> sh]);
-            __m128i b = _mm_loadu_si128((const __m128i *)(wr + j * K + 8 * bl));
-            w0[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), s0);
-            w1[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), s1);
+        __m256 wa0, wb0, wa1 = _mm256_setzero_ps(), wb1 = _mm256_setzero_ps();
+        __m256 xa0, xb0, xa1 = wa1, xb1 = wa1, xa2 = wa1, xb2 = wa1, xa3 = wa1, xb3 = wa1;
+        {
+            __m128i b = _mm_loadu_si128((const __m128i *)(w0 + 8 * bl));
+            wa0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), _mm256_broadcast_ss(&sf[0][bl >> sh]));
+            wb0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))),
+                                _mm256_broadcast_ss(&sf[0][(bl + 1) >> sh]));
         }
-        for (int i = 0; i < mb; i++) {
-            __m256 x0 = _mm256_loadu_ps(x + i * K + 8 * bl), x1 = _mm256_loadu_ps(x + i * K + 8 * bl + 8);
-            for (int j = 0; j < nb; j++) {
-                acc[i][j] = _mm256_fmadd_ps(w0[j], x0, acc[i][j]);
-                if (split)
-                    acc1[i][j] = _mm256_fmadd_ps(w1[j], x1, acc1[i][j]);
-                else
-                    acc[i][j] = _mm256_fmadd_ps(w1[j], x1, acc[i][j]);
-            }
+        if (nb > 1) {
+            __m128i b = _mm_loadu_si128((const __m128i *)(w1 + 8 * bl));
+            wa1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), _mm256_broadcast_ss(&sf[1][bl >> sh]));
+            wb1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))),
+                                _mm256_broadcast_ss(&sf[1][(bl + 1) >> sh]));
         }
+        xa0 = _mm256_loadu_ps(x + 8 * bl);
+        xb0 = _mm256_loadu_ps(x + 8 * bl + 8);
+        FEW_LOADX(1, x + 8 * bl) FEW_LOADX(2, x + 8 * bl) FEW_LOADX(3, x + 8 * bl)
+        FEW_PAIRS(FEW_STEP)
     }
-    for (int i = 0; i < mb; i++)
-        for (int j = 0; j < nb; j++) y[i * N + n + j] = hsum(split ? _mm256_add_ps(acc[i][j], acc1[i][j]) : acc[i][j]);
+    FEW_PAIRS(FEW_OUT)
 }
 
 #define FEW8_CASE(a, b) \
@@ -261,7 +277,7 @@ int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const v
         permute16(x, xp, M, K);
         x = xp;
     }
-    if (fmt == KEEL_W_INT8G && M <= MB && K % 16 == 0) {
+    if (fmt == KEEL_W_INT8G && M <= MB && K % 16 == 0 && K / group <= FEW_MAXG) {
         const int64_t G = K / group, blocks = group / 8;
         if (G == 1 || (blocks & (blocks - 1)) == 0) {
             const int sh = G == 1 ? 62 : __builtin_ctzll((unsigned long long)blocks);
@@ -271,7 +287,7 @@ int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const v
             return 0;
         }
     }
-    if (fmt == KEEL_W_INT4 && M <= MB && ((group / 16) & (group / 16 - 1)) == 0) {
+    if (fmt == KEEL_W_INT4 && M <= MB && ((group / 16) & (group / 16 - 1)) == 0 && K / group <= FEW_MAXG) {
         const int64_t G = K / group;
         float xsum[MB * G];
         for (int64_t i = 0; i < M * G; i++) {
