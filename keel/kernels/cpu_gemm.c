@@ -157,6 +157,35 @@ static inline void widen(const void *t, int sdtype, int64_t off, int64_t G, floa
         xb##i = _mm256_loadu_ps((ptr) + i * K + 8);                    \
     }
 
+/* 16 int4 weights of one row at p (8 bytes), times scale sv: the even channels to *a, the odd ones to *b. */
+static inline __attribute__((always_inline)) void widen_int4(const uint8_t *p, __m256 sv, __m256 *a, __m256 *b) {
+    const __m256i low = _mm256_set1_epi32(0x0F);
+    __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    *a = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(d, low)), sv);
+    *b = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(d, 4)), sv);
+}
+
+/* 16 int8 weights of one row at p, the first 8 times s0 to *a, the next 8 times s1 to *b. */
+static inline __attribute__((always_inline)) void widen_int8(const int8_t *p, __m256 s0, __m256 s1, __m256 *a,
+                                                              __m256 *b) {
+    __m128i q = _mm_loadu_si128((const __m128i *)p);
+    *a = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), s0);
+    *b = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))), s1);
+}
+
+/* The (rows of x, output rows) shapes of the few-row paths: CALL(mb, nb) with both constant. */
+#define FEW_SWITCH(CALL)                                                                  \
+    switch (mb * 4 + nb) {                                                                \
+    case 1 * 4 + 1: CALL(1, 1); break;                                                    \
+    case 1 * 4 + 2: CALL(1, 2); break;                                                    \
+    case 2 * 4 + 1: CALL(2, 1); break;                                                    \
+    case 2 * 4 + 2: CALL(2, 2); break;                                                    \
+    case 3 * 4 + 1: CALL(3, 1); break;                                                    \
+    case 3 * 4 + 2: CALL(3, 2); break;                                                    \
+    case 4 * 4 + 1: CALL(4, 1); break;                                                    \
+    case 4 * 4 + 2: CALL(4, 2); break;                                                    \
+    }
+
 /* INT4 for a few rows (M <= MB), the weights widened in registers and never stored: output rows n..n+nb of
  * y = sum_g s_g * (x_g . code_g) + (z_g - 8 s_g) * sum(x_g). xp is x permuted by permute16 (the order
  * the codes widen in), xsum [M, G] the group sums of x. Two output rows at a time; with one or two
@@ -167,7 +196,6 @@ static inline __attribute__((always_inline)) void int4_few(const float *xp, cons
                                                             int64_t n, const int mb, const int nb) {
     const int split = mb <= 2;
     const int64_t G = K / group;
-    const __m256i low = _mm256_set1_epi32(0x0F);
     float offs[MB][2] = {{0}};
     const int64_t B = K / 16;
     const int sh = __builtin_ctzll((unsigned long long)(group / 16)); /* block of 16 channels -> group */
@@ -185,18 +213,9 @@ static inline __attribute__((always_inline)) void int4_few(const float *xp, cons
     for (int64_t bl = 0; bl < B; bl++) {
         __m256 wa0, wb0, wa1 = _mm256_setzero_ps(), wb1 = _mm256_setzero_ps();
         __m256 xa0, xb0, xa1 = wa1, xb1 = wa1, xa2 = wa1, xb2 = wa1, xa3 = wa1, xb3 = wa1;
-        {
-            __m256 sv = _mm256_broadcast_ss(&sf[0][bl >> sh]);
-            __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w0 + 8 * bl)));
-            wa0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(d, low)), sv);
-            wb0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(d, 4)), sv);
-        }
-        if (nb > 1) {
-            __m256 sv = _mm256_broadcast_ss(&sf[1][bl >> sh]);
-            __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w1 + 8 * bl)));
-            wa1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(d, low)), sv);
-            wb1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(d, 4)), sv);
-        }
+        widen_int4(w0 + 8 * bl, _mm256_broadcast_ss(&sf[0][bl >> sh]), &wa0, &wb0);
+        if (nb > 1)
+            widen_int4(w1 + 8 * bl, _mm256_broadcast_ss(&sf[1][bl >> sh]), &wa1, &wb1);
         xa0 = _mm256_loadu_ps(xp + 16 * bl);
         xb0 = _mm256_loadu_ps(xp + 16 * bl + 8);
         FEW_LOADX(1, xp + 16 * bl) FEW_LOADX(2, xp + 16 * bl) FEW_LOADX(3, xp + 16 * bl)
@@ -205,15 +224,11 @@ static inline __attribute__((always_inline)) void int4_few(const float *xp, cons
     FEW_PAIRS(FEW_OUT)
 }
 
-#define FEW_CASE(a, b) \
-    case (a) * 4 + (b): int4_few(xp, xsum, w, scale, zero, sdtype, group, y, N, K, n, a, b); break;
+#define INT4_FEW(a, b) int4_few(xp, xsum, w, scale, zero, sdtype, group, y, N, K, n, a, b)
 
 static void int4_few_any(const float *xp, const float *xsum, const uint8_t *w, const void *scale, const void *zero,
                          int sdtype, int64_t group, float *y, int64_t N, int64_t K, int64_t n, int mb, int nb) {
-    switch (mb * 4 + nb) {
-        FEW_CASE(1, 1) FEW_CASE(1, 2) FEW_CASE(2, 1) FEW_CASE(2, 2)
-        FEW_CASE(3, 1) FEW_CASE(3, 2) FEW_CASE(4, 1) FEW_CASE(4, 2)
-    }
+    FEW_SWITCH(INT4_FEW)
 }
 
 /* INT8G for a few rows (M <= MB), like int4_few: w = code * s widened in registers, two output rows at a
@@ -230,18 +245,11 @@ static inline __attribute__((always_inline)) void int8_few(const float *x, const
     for (int64_t bl = 0; bl < K / 8; bl += 2) {
         __m256 wa0, wb0, wa1 = _mm256_setzero_ps(), wb1 = _mm256_setzero_ps();
         __m256 xa0, xb0, xa1 = wa1, xb1 = wa1, xa2 = wa1, xb2 = wa1, xa3 = wa1, xb3 = wa1;
-        {
-            __m128i b = _mm_loadu_si128((const __m128i *)(w0 + 8 * bl));
-            wa0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), _mm256_broadcast_ss(&sf[0][bl >> sh]));
-            wb0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))),
-                                _mm256_broadcast_ss(&sf[0][(bl + 1) >> sh]));
-        }
-        if (nb > 1) {
-            __m128i b = _mm_loadu_si128((const __m128i *)(w1 + 8 * bl));
-            wa1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), _mm256_broadcast_ss(&sf[1][bl >> sh]));
-            wb1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))),
-                                _mm256_broadcast_ss(&sf[1][(bl + 1) >> sh]));
-        }
+        widen_int8(w0 + 8 * bl, _mm256_broadcast_ss(&sf[0][bl >> sh]), _mm256_broadcast_ss(&sf[0][(bl + 1) >> sh]),
+                   &wa0, &wb0);
+        if (nb > 1)
+            widen_int8(w1 + 8 * bl, _mm256_broadcast_ss(&sf[1][bl >> sh]),
+                       _mm256_broadcast_ss(&sf[1][(bl + 1) >> sh]), &wa1, &wb1);
         xa0 = _mm256_loadu_ps(x + 8 * bl);
         xb0 = _mm256_loadu_ps(x + 8 * bl + 8);
         FEW_LOADX(1, x + 8 * bl) FEW_LOADX(2, x + 8 * bl) FEW_LOADX(3, x + 8 * bl)
@@ -250,15 +258,11 @@ static inline __attribute__((always_inline)) void int8_few(const float *x, const
     FEW_PAIRS(FEW_OUT)
 }
 
-#define FEW8_CASE(a, b) \
-    case (a) * 4 + (b): int8_few(x, w, scale, sdtype, G, sh, y, N, K, n, a, b); break;
+#define INT8_FEW(a, b) int8_few(x, w, scale, sdtype, G, sh, y, N, K, n, a, b)
 
 static void int8_few_any(const float *x, const int8_t *w, const void *scale, int sdtype, int64_t G, int sh, float *y,
                          int64_t N, int64_t K, int64_t n, int mb, int nb) {
-    switch (mb * 4 + nb) {
-        FEW8_CASE(1, 1) FEW8_CASE(1, 2) FEW8_CASE(2, 1) FEW8_CASE(2, 2)
-        FEW8_CASE(3, 1) FEW8_CASE(3, 2) FEW8_CASE(4, 1) FEW8_CASE(4, 2)
-    }
+    FEW_SWITCH(INT8_FEW)
 }
 
 /* y [M, N] = x [M, K] Wᵀ. Returns 0, or -1 when a thread's scratch buffer could not be allocated. */

@@ -94,8 +94,9 @@ class Int8Linear(QuantLinear):
         if self.qweight.device.type != "cpu":
             return
         own = kernels() if self.dtype == torch.float32 and self.in_features % 8 == 0 else None
-        if own is not None and self.check_fast(self._own_int8(own)):
-            self._own = self._own_int8(own)
+        fast = self._own_int8(own) if own is not None else None
+        if fast is not None and self.check_fast(fast):
+            self._own = fast
             self._gemm = W_INT8G, self.qweight, self.scales, None, self.group_size or self.in_features, INT8_OWN_MAX_ROWS
             torch_ok = hasattr(torch, "_weight_int8pack_mm") and self.group_size is None
             self._kernel_scales = torch.ones_like(self.scales, dtype=torch.bfloat16) if torch_ok else None
