@@ -125,6 +125,8 @@ def cmd_serve(args) -> int:
     from keel.engine.llm_engine import LLMEngine
     from keel.models.loader import DEFAULT_MODEL_NAME
     from keel.server import create_app
+    from keel.server.adapters import LoRAPolicy
+    from keel.server.limits import ServerLimits, uvicorn_settings
 
     lora = None
     if args.enable_lora or args.lora or args.lora_dir:
@@ -156,14 +158,36 @@ def cmd_serve(args) -> int:
         local = args.model is None or os.path.exists(args.model)
         name = DEFAULT_MODEL_NAME if args.model is None else engine.model_name if local else args.model
     embedder = _embedding_model(args, name)
-    app = create_app(engine, served_model_name=name, api_key=args.api_key or os.environ.get("KEEL_API_KEY"),
-                     max_waiting=args.max_waiting, allow_lora_updates=not args.no_lora_updates,
-                     embedding_model=embedder, engine_threads=engine_threads)
+    clash = [a for a, _ in adapters if a in (name, embedder.name if embedder else None)]
+    if clash:
+        raise KeelError(f"--lora {clash[0]}=...: that name is already a served model's; give the adapter another")
+    limits = ServerLimits(max_request_bytes=args.max_request_bytes, body_timeout_s=args.body_timeout,
+                          header_timeout_s=args.header_timeout, max_connections=args.max_connections or None,
+                          max_embedding_inputs=args.max_embedding_inputs)
+    roots = None if args.allow_any_lora_path else [*(args.lora_dir or []), *(args.allowed_lora_path or [])]
+    app = create_app(engine, served_model_name=name, api_key=_api_key(args), max_waiting=args.max_waiting,
+                     allow_lora_updates=not args.no_lora_updates, embedding_model=embedder,
+                     engine_threads=engine_threads, limits=limits, enable_docs=args.enable_docs,
+                     lora_policy=LoRAPolicy(roots=roots, show_paths=args.show_lora_paths))
     if embedder is not None:
         print(f"keel: embeddings from {embedder.name}", file=sys.stderr, flush=True)
     print(f"keel: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), **uvicorn_settings(limits))
     return 0
+
+
+def _api_key(args) -> str | None:
+    """--api-key-file, else $KEEL_API_KEY, else --api-key (visible in the process list: the others are not)."""
+    if args.api_key_file:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                key = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise KeelError(f"--api-key-file {args.api_key_file}: cannot read it ({e})") from None
+        if not key:
+            raise KeelError(f"--api-key-file {args.api_key_file} is empty")
+        return key
+    return os.environ.get("KEEL_API_KEY") or args.api_key or None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,10 +212,22 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--served-model-name", default=None,
                    help="the model name clients send (default: the model folder or file name)")
     s.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1 (default: $KEEL_API_KEY; none: open)")
+                   help="require 'Authorization: Bearer KEY' on /v1 (prefer $KEEL_API_KEY or --api-key-file: a "
+                        "command-line key shows in the process list; none of them: open)")
+    s.add_argument("--api-key-file", default=None, metavar="PATH", help="read the API key from this file")
+    s.add_argument("--enable-docs", action="store_true",
+                   help="serve /docs, /redoc and /openapi.json (open, without the API key); off by default")
     s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences running in one batch")
     s.add_argument("--max-waiting", type=int, default=256,
                    help="most requests waiting for a batch slot; beyond it requests get 429 with Retry-After")
+    li = s.add_argument_group("limits per client (past one: a 4xx in OpenAI's error shape)")
+    li.add_argument("--max-request-bytes", type=int, default=32 * 2**20, help="largest request body (413 past it)")
+    li.add_argument("--body-timeout", type=float, default=60.0, help="seconds to send the request body (408 after)")
+    li.add_argument("--header-timeout", type=float, default=10.0,
+                    help="seconds a connection may hold an unfinished request head before it is closed")
+    li.add_argument("--max-connections", type=int, default=1000,
+                    help="connections and requests served at once; past it 503 (0: no limit)")
+    li.add_argument("--max-embedding-inputs", type=int, default=2048, help="most inputs in one embeddings request")
     em = s.add_argument_group("embeddings (POST /v1/embeddings)")
     em.add_argument("--embedding-model", default=None, metavar="PATH",
                     help="a BERT-family embedding model folder (default: the built-in all-MiniLM-L6-v2 when installed)")
@@ -211,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
                          "keel's kernel, else the model's dtype)")
     lo.add_argument("--no-lora-updates", action="store_true",
                     help="turn off POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    lo.add_argument("--allowed-lora-path", action="append", metavar="DIR",
+                    help="a folder POST /v1/load_lora_adapter may load adapters from (besides --lora-dir "
+                         "folders); repeatable")
+    lo.add_argument("--allow-any-lora-path", action="store_true",
+                    help="let POST /v1/load_lora_adapter read any folder the server can (trusted clients only)")
+    lo.add_argument("--show-lora-paths", action="store_true", help="/v1/models shows adapters' folders as `root`")
     s.set_defaults(func=cmd_serve)
     from keel.quant.cli import add_quantize_parser
     add_quantize_parser(sub)

@@ -13,7 +13,7 @@ class SamplingParams:
     n: int = 1
     """Number of completions for the prompt; they share the prompt's KV blocks."""
     temperature: float = 1.0
-    """0 means greedy."""
+    """0 means greedy (so does anything below 1e-5, as in vLLM: smaller ones overflow float32)."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p, in (0, 1]."""
     top_k: int = 0
@@ -80,8 +80,9 @@ class SamplingParams:
             raise self._bad("top_p", self.top_p, "must be in (0, 1]")
         if self.top_k == -1:
             self.top_k = 0
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise self._bad("top_k", self.top_k, "must be 0 or -1 (all tokens) or a positive integer")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**31:
+            raise self._bad("top_k", self.top_k, "must be 0 or -1 (all tokens) or a positive integer up to the "
+                                                 "vocabulary size")
         if not 0 <= self.min_p <= 1:
             raise self._bad("min_p", self.min_p, "must be in [0, 1]")
         if self.repetition_penalty <= 0:

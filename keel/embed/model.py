@@ -64,7 +64,8 @@ class EmbeddingModel:
             self.encoder.load_hf_state(dict(iter_safetensors(safetensors_files(path))))
             self.encoder.to(self.device, self.dtype).eval()
             tokenizer = _tokenizer(path)
-            self._encode = lambda text: tokenizer.encode(text).ids
+            # encode_batch_fast releases the GIL (encode holds it while a long text is tokenized)
+            self._encode = lambda text: tokenizer.encode_batch_fast([text])[0].ids
             self.vocab_size = self.encoder.word.num_embeddings
         elif kind in DECODERS:
             self.encoder = DecoderEncoder(path, self.dtype, self.device)
@@ -94,13 +95,17 @@ class EmbeddingModel:
 
     # -- forward ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def embed(self, inputs: list[list[int]], dimensions: int | None = None) -> torch.Tensor:
-        """Token lists (each 1..max_len long) -> float32 [len(inputs), dimensions or full]."""
+    def embed(self, inputs: list[list[int]], dimensions: int | None = None,
+              cancel: threading.Event | None = None) -> torch.Tensor:
+        """Token lists (each 1..max_len long) -> float32 [len(inputs), dimensions or full].
+        cancel: checked between batches; once set, EmbeddingCancelled is raised (the caller left)."""
         order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
         out = torch.empty(len(inputs), self.dimensions, dtype=torch.float32)
         start = 0
         with self._lock:
             while start < len(order):
+                if cancel is not None and cancel.is_set():
+                    raise EmbeddingCancelled(f"cancelled after {start} of {len(inputs)} inputs")
                 end = start + 1
                 while (end < len(order) and end - start < MAX_BATCH
                        and (end - start + 1) * len(inputs[order[end]]) <= MAX_BATCH_TOKENS):
@@ -122,6 +127,10 @@ class EmbeddingModel:
         return self.pooling(states, lengths)
 
 
+class EmbeddingCancelled(Exception):
+    """The caller of EmbeddingModel.embed set its cancel event."""
+
+
 def _tokenizer(folder: str):
     from tokenizers import Tokenizer
     path = os.path.join(folder, "tokenizer.json")
@@ -136,4 +145,4 @@ def _tokenizer(folder: str):
     return tok
 
 
-__all__ = ["EmbeddingModel", "Pooling", "builtin_embedding_path", "BUILTIN_NAME"]
+__all__ = ["EmbeddingCancelled", "EmbeddingModel", "Pooling", "builtin_embedding_path", "BUILTIN_NAME"]

@@ -3,6 +3,11 @@
 The engine is not thread-safe, so one thread owns it: between steps it takes new requests and aborts
 from a command queue, then runs a step and hands each output to its caller's asyncio queue. Callers
 on the event loop never block it, and concurrent requests land in the same batches.
+
+Nothing one request does stops the loop. The engine ends a request whose own processing fails, and a
+step that fails as a whole ends that step's requests (LLMEngine.step). Should anything still escape a
+step, the loop ends every request in flight with the error and goes on (`num_restarts` counts it);
+only an exit of the thread itself (`dead`) makes the server unable to serve.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ class AsyncEngine:
         self._pending_adds = 0
         self._lock = threading.Lock()  # guards _pending_adds
         self.dead: BaseException | None = None
+        self.num_restarts = 0  # failures that escaped a step and ended every request in flight
         self.num_steps = 0
         self.max_running_seen = 0
         self._thread = threading.Thread(target=self._loop, name="keel-engine", daemon=True)
@@ -94,8 +100,9 @@ class AsyncEngine:
             await asyncio.wrap_future(fut)  # raises the engine's validation error, if any
             while True:
                 item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise EngineDeadError(f"the engine stopped: {item}")
+                if isinstance(item, BaseException):  # the loop failed around this request
+                    finished = True
+                    raise item
                 if item.error is not None:  # ended by the engine, not by the model: the caller gets the reason
                     finished = item.finished
                     raise item.error
@@ -142,39 +149,66 @@ class AsyncEngine:
         if self.num_threads:
             import torch
             torch.set_num_threads(self.num_threads)
-        try:
-            while True:
-                block = not self.engine.has_unfinished_requests()
+        while True:
+            try:
+                self._run()
+                return
+            except Exception as e:  # escaped a step: end what is in flight, keep serving
+                log.exception("engine loop failed; ending every request in flight and going on")
+                self.num_restarts += 1
                 try:
-                    cmd = self._commands.get(block=block)
-                    if not self._handle(cmd):
+                    self._fail_in_flight(e)
+                except BaseException as again:
+                    self._die(again)
+                    return
+            except BaseException as e:  # SystemExit, KeyboardInterrupt: this thread cannot go on
+                self._die(e)
+                return
+
+    def _run(self) -> None:
+        while True:
+            block = not self.engine.has_unfinished_requests()
+            try:
+                cmd = self._commands.get(block=block)
+                if not self._handle(cmd):
+                    return
+                while True:  # drain everything that arrived, so it joins this step
+                    if not self._handle(self._commands.get_nowait()):
                         return
-                    while True:  # drain everything that arrived, so it joins this step
-                        if not self._handle(self._commands.get_nowait()):
-                            return
-                except queue.Empty:
-                    pass
-                if not self.engine.has_unfinished_requests():
+            except queue.Empty:
+                pass
+            if not self.engine.has_unfinished_requests():
+                continue
+            outputs = self.engine.step()
+            self.num_steps += 1
+            self.max_running_seen = max(self.max_running_seen, self.num_running)
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is None:
                     continue
-                outputs = self.engine.step()
-                self.num_steps += 1
-                self.max_running_seen = max(self.max_running_seen, self.num_running)
-                for out in outputs:
-                    stream = self._streams.get(out.request_id)
-                    if stream is None:
-                        continue
-                    if out.finished:
-                        del self._streams[out.request_id]
-                    if not self._deliver(stream, out):  # the caller's event loop is gone
-                        self._streams.pop(out.request_id, None)
-                        self.engine.abort_request(out.request_id)
-        except BaseException as e:  # an engine bug: fail every caller instead of hanging them
-            log.exception("engine loop stopped")
-            self.dead = e
-            for stream in self._streams.values():
-                self._deliver(stream, e)
-            self._streams.clear()
-            self._fail_pending(e)
+                if out.finished:
+                    del self._streams[out.request_id]
+                if not self._deliver(stream, out):  # the caller's event loop is gone
+                    self._streams.pop(out.request_id, None)
+                    self.engine.abort_request(out.request_id)
+
+    def _fail_in_flight(self, error: Exception) -> None:
+        for out in self.engine.fail_all(error):
+            stream = self._streams.pop(out.request_id, None)
+            if stream is not None:
+                self._deliver(stream, out)
+        for stream in self._streams.values():  # not known to the engine any more
+            self._deliver(stream, error)
+        self._streams.clear()
+
+    def _die(self, error: BaseException) -> None:
+        log.critical("engine loop stopped: %r", error)
+        self.dead = error
+        dead = EngineDeadError(f"the engine stopped: {error!r}")
+        for stream in self._streams.values():
+            self._deliver(stream, dead)
+        self._streams.clear()
+        self._fail_pending(error)
 
     @staticmethod
     def _deliver(stream: _Stream, item) -> bool:

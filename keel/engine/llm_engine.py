@@ -156,7 +156,7 @@ class LLMEngine:
                 raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         if not ids:
             raise InvalidRequestError("the prompt is empty: give at least one token")
-        self._check_token_ids(params)
+        self._check_against_model(params)
         guide = self.structured.guide_for(params) if params.structured else None  # a bad schema raises here
         lazy = params.grammar_trigger is not None
         if lazy:
@@ -191,8 +191,12 @@ class LLMEngine:
             self._child_to_group[child.request_id] = (group, i)
             self.scheduler.add_request(child)
 
-    def _check_token_ids(self, params: SamplingParams) -> None:
+    def _check_against_model(self, params: SamplingParams) -> None:
+        """The parameters whose valid range depends on the model: token ids and top_k."""
         vocab = self.model_config.vocab_size
+        if params.top_k > vocab:
+            raise InvalidRequestError(f"top_k={params.top_k} is invalid: this model has {vocab} tokens, so top_k "
+                                      f"can be at most {vocab} (or 0 / -1 for all of them)")
         for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias or {}))):
             for t in ids:
                 try:
@@ -226,37 +230,82 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if self.lora is not None and not sched.scheduled and self.scheduler.has_unfinished():
             self.lora.wait_for_loads(0.05)  # every waiting request waits on an adapter load
-        out = self.runner.execute(sched)
-        updated = self.scheduler.update_from_output(sched, out)
+        try:
+            out = self.runner.execute(sched)
+            updated = self.scheduler.update_from_output(sched, out)
+        except Exception as e:  # a failure of the whole step: its requests end, the engine goes on
+            log.exception("step failed; ending the %d requests in it", len(sched.scheduled))
+            in_step = [self._child_to_group.get(s.request.request_id) for s in sched.scheduled]
+            groups = {entry[0].request_id: entry[0] for entry in in_step if entry is not None}
+            return failed + [self._fail_group(g, e) for g in groups.values()]
         touched: dict[str, _Group] = {}
+        broken: dict[str, tuple[_Group, Exception]] = {}
         for req in updated:
             group, i = self._child_to_group[req.request_id]
+            error = out.errors.get(req.request_id)
+            if error is None:
+                try:
+                    self._take_token(req, group, i, out)
+                except Exception as e:  # detokenizing, stop strings, grammar: this request's own failure
+                    log.exception("request %s failed after sampling", req.request_id)
+                    error = e
+            if error is not None:
+                broken[group.request_id] = (group, error)
             touched[group.request_id] = group
-            tok = req.output_token_ids[-1]
-            if req.guide is not None and not req.finished:
-                self._advance_guide(req, tok)
-            # A stop or end-of-sequence token ends the text without appearing in it (as in vLLM)
-            hidden = req.finished and req.stop_reason == tok and not req.params.include_stop_str_in_output
-            stop = None if hidden else group.detoks[i].update([tok])
-            if stop is not None and not req.finished:
-                self.scheduler.finish_request(req.request_id, "stop", stop)
-            elif stop is not None:
-                req.finish_reason, req.stop_reason = "stop", stop
-            o = group.outputs[i]
-            o.token_ids.append(tok)
-            o.delta_token_ids.append(tok)
-            if req.trigger_scan >= 0 and not req.finished:
-                self._check_trigger(req, group.detoks[i].output_text)
-            lp = out.logprobs.get(req.request_id)
-            if lp is not None and o.logprobs is not None:
-                o.logprobs.append(self._logprob(tok, lp))
-            if req.finished:
-                group.detoks[i].finish()
-                o.finish_reason, o.stop_reason = req.finish_reason, req.stop_reason
         results = failed
-        for group in touched.values():
-            results.append(self._emit(group))
+        for rid, group in touched.items():
+            if rid in broken:
+                results.append(self._fail_group(*broken[rid]))
+                continue
+            try:
+                results.append(self._emit(group))
+            except Exception as e:
+                log.exception("request %s failed while its output was built", rid)
+                results.append(self._fail_group(group, e))
         return results
+
+    def _take_token(self, req: Request, group: _Group, i: int, out) -> None:
+        """Record the token `req` sampled this step: grammar, detokenizer, stop strings, logprobs."""
+        tok = req.output_token_ids[-1]
+        if req.guide is not None and not req.finished:
+            self._advance_guide(req, tok)
+        # A stop or end-of-sequence token ends the text without appearing in it (as in vLLM)
+        hidden = req.finished and req.stop_reason == tok and not req.params.include_stop_str_in_output
+        stop = None if hidden else group.detoks[i].update([tok])
+        if stop is not None and not req.finished:
+            self.scheduler.finish_request(req.request_id, "stop", stop)
+        elif stop is not None:
+            req.finish_reason, req.stop_reason = "stop", stop
+        o = group.outputs[i]
+        o.token_ids.append(tok)
+        o.delta_token_ids.append(tok)
+        if req.trigger_scan >= 0 and not req.finished:
+            self._check_trigger(req, group.detoks[i].output_text)
+        lp = out.logprobs.get(req.request_id)
+        if lp is not None and o.logprobs is not None:
+            o.logprobs.append(self._logprob(tok, lp))
+        if req.finished:
+            group.detoks[i].finish()
+            o.finish_reason, o.stop_reason = req.finish_reason, req.stop_reason
+
+    def _fail_group(self, group: _Group, error: Exception) -> RequestOutput:
+        """End a request the engine could not carry on (all its choices), freeing its KV blocks and
+        adapter; the output carries `error` for the caller. Touches no detokenizer: it may be what broke."""
+        self.abort_request(group.request_id)
+        outs = []
+        for o in group.outputs:
+            snap = copy.copy(o)
+            snap.token_ids, snap.delta_token_ids, snap.delta_text = list(o.token_ids), [], ""
+            snap.logprobs = None if o.logprobs is None else list(o.logprobs)
+            if snap.finish_reason is None:
+                snap.finish_reason = "abort"
+            outs.append(snap)
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs, True,
+                             group.children[0].num_cached_tokens, error=error)
+
+    def fail_all(self, error: Exception) -> list[RequestOutput]:
+        """End every request (after a failure outside any one request); returns their outputs."""
+        return [self._fail_group(g, error) for g in list(self.groups.values())]
 
     def _check_trigger(self, req: Request, text: str) -> None:
         """Start the request's grammar once its output contains params.grammar_trigger."""

@@ -78,8 +78,9 @@ class ModelRunner:
             return RunnerOutput({})
         # Only the rows that sample go through the output head: it is the largest matmul of a step.
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-        tokens, lps = self.sampler(logits, sample_reqs)
+        tokens, lps, errors = self.sampler(logits, sample_reqs)
         return RunnerOutput(
             {r.request_id: t for r, t in zip(sample_reqs, tokens)},
             {r.request_id: lp for r, lp in zip(sample_reqs, lps) if lp is not None},
+            errors,
         )

@@ -43,3 +43,4 @@ class TokenLogprobs:
 class RunnerOutput:
     sampled_token_ids: dict[str, int]  # request id -> token sampled this step
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # only for requests that asked
+    errors: dict[str, Exception] = field(default_factory=dict)  # request id -> why its sampling failed

@@ -6,11 +6,18 @@ tokens do not depend on what else is in the batch.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from keel.engine.guided import apply_guides
 from keel.engine.outputs import TokenLogprobs
 from keel.engine.request import Request
+
+log = logging.getLogger("keel.engine")
+# Below this temperature a request samples greedily (as in vLLM): dividing logits by a far smaller one
+# overflows float32, and the distribution is a point mass on the argmax long before that anyway.
+MIN_TEMPERATURE = 1e-5
 
 
 class Sampler:
@@ -32,19 +39,28 @@ class Sampler:
             self.generators[req.request_id] = g
         return g
 
-    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
+    def __call__(self, logits: torch.Tensor, reqs: list[Request]
+                 ) -> tuple[list[int], list[TokenLogprobs | None], dict[str, Exception]]:
+        """Tokens, logprobs, and the requests whose own settings failed to apply (request id -> error):
+        their rows are sampled unadjusted, and the engine ends them, not the whole batch."""
         # logits: [N, V] float32, one row per request that samples this step
         raw = logits
         want_lp = [r.params.logprobs is not None for r in reqs]
         logits = logits.clone()
+        errors: dict[str, Exception] = {}
         for i, r in enumerate(reqs):
-            self._adjust_row(logits[i], r)
+            try:
+                self._adjust_row(logits[i], r)
+            except Exception as e:
+                log.exception("request %s: its sampling settings failed", r.request_id)
+                errors[r.request_id] = e
+                logits[i] = raw[i]
         guided = [i for i, r in enumerate(reqs) if r.guide is not None]
         if guided:  # after penalties and biases, so nothing can bring back a token the grammar forbids
             apply_guides(logits, guided, [reqs[i].guide for i in guided])
 
         temps = torch.tensor([r.params.temperature for r in reqs], device=logits.device)
-        greedy = temps == 0
+        greedy = temps < MIN_TEMPERATURE
         tokens = logits.argmax(dim=-1)
         if not bool(greedy.all()):
             idx = (~greedy).nonzero().squeeze(1)
@@ -77,7 +93,7 @@ class Sampler:
                 if want_lp[i]:
                     n = r.params.logprobs
                     lps[i] = TokenLogprobs(chosen[i], list(zip(top_i[i][:n], top_v[i][:n])))
-        return token_list, lps
+        return token_list, lps, errors
 
     @staticmethod
     def _adjust_row(row: torch.Tensor, r: Request) -> None:

@@ -21,6 +21,22 @@ from keel.errors import LoRAError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+MAX_CONFIG_BYTES = 1 << 20  # PEFT writes a few KB; a config this large is not an adapter's
+# An adapter name is what clients send as `model` and what logs and /v1/models show: ASCII letters,
+# digits and ._-:@+= , with / between parts as in hub ids (org/name), at most 128 characters.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-:@+=]*(/[A-Za-z0-9][A-Za-z0-9._\-:@+=]*)*")
+MAX_NAME_LEN = 128
+
+
+def check_adapter_name(name) -> None:
+    """LoRAError unless `name` is a valid adapter name (see _NAME)."""
+    if not isinstance(name, str) or not name:
+        raise LoRAError("an adapter name must be a non-empty string")
+    if len(name) > MAX_NAME_LEN:
+        raise LoRAError(f"adapter name is {len(name)} characters long; at most {MAX_NAME_LEN} are allowed")
+    if not name.isascii() or _NAME.fullmatch(name) is None or ".." in name:
+        raise LoRAError(f"adapter name {name!a} is invalid: use letters, digits and . _ - : @ + =, with / "
+                        f"between parts (org/name), starting each part with a letter or digit, and no '..'")
 # lora_A / lora_B weights of a module, with or without the adapter name PEFT strips when saving
 _TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
 _UNSUPPORTED_TENSORS = {
@@ -101,10 +117,27 @@ def _fail(name: str, path: str, reason: str) -> LoRAError:
     return LoRAError(f"LoRA adapter {name!r} ({path}): {reason}")
 
 
-def _pattern_value(patterns: dict, module: str, default):
+def _regex(pattern: str, fail):
+    """A config's regular expression compiled by RE2, whose matching time is linear in the text: a
+    backtracking engine (Python's re) can spend hours on a pattern like (.|.)*X. RE2 has no
+    backreferences or look-around; a pattern that uses them is refused."""
+    import re2
+    options = re2.Options()
+    options.log_errors = False
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as e:
+        msg = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise fail(f"{pattern!r} is not a regular expression keel can match in linear time (RE2 syntax, no "
+                   f"backreferences or look-around): {msg}") from None
+
+
+def _pattern_value(patterns: dict, module: str, default, fail):
     """PEFT's rule for rank_pattern / alpha_pattern: the first key that matches the end of the module name."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if not isinstance(key, str):
+            raise fail(f"rank_pattern / alpha_pattern key {key!r} is not a string")
+        if _regex(rf"(.*\.)?({key})$", fail).match(module):
             return value
     return default
 
@@ -116,10 +149,8 @@ def _targets_in_config(cfg: dict, base: BaseTargets, fail) -> None:
     if tm is None or tm == "all-linear" or tm == ["all-linear"]:
         return
     if isinstance(tm, str):
-        try:
-            matched = [n for n in names if re.fullmatch(tm, n)]
-        except re.error as e:
-            raise fail(f"target_modules {tm!r} is not a valid regular expression: {e}") from None
+        pattern = _regex(tm, fail)
+        matched = [n for n in names if pattern.fullmatch(n)]
         bad = [n for n in matched if n not in base.targets]
         if bad:
             raise fail(_unsupported_target(bad[0]))
@@ -170,10 +201,15 @@ def read_spec(name: str, path: str, base: BaseTargets, max_rank: int, served_mod
     if not os.path.isfile(cfg_path):
         raise fail(f"{CONFIG_FILE} is missing: not a PEFT adapter folder")
     try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
+        with open(cfg_path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise fail(f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
+        cfg = json.loads(raw)
     except (OSError, ValueError) as e:
         raise fail(f"{CONFIG_FILE} cannot be parsed: {e}") from None
+    except RecursionError:
+        raise fail(f"{CONFIG_FILE} nests too deeply to be an adapter config") from None
     if not isinstance(cfg, dict):
         raise fail(f"{CONFIG_FILE} is not a JSON object")
     peft_type = cfg.get("peft_type", "LORA")
@@ -231,12 +267,15 @@ def read_spec(name: str, path: str, base: BaseTargets, max_rank: int, served_mod
             raise fail(f"{module}: lora_A {a_shape} and lora_B {b_shape} do not fit the base projection "
                        f"({target.out_features} x {target.in_features}): expected ({rank}, {target.in_features}) "
                        f"and ({target.out_features}, {rank})")
-        want = _pattern_value(rank_pattern, module, r)
+        want = _pattern_value(rank_pattern, module, r, fail)
         if rank != want:
             raise fail(f"{module} has rank {rank}, but adapter_config.json gives it rank {want}")
         if rank < 1 or rank > max_rank:
             raise fail(f"{module} has rank {rank}, over this server's max_lora_rank={max_rank}")
-        a = float(_pattern_value(alpha_pattern, module, alpha))
+        try:
+            a = float(_pattern_value(alpha_pattern, module, alpha, fail))
+        except (TypeError, ValueError):
+            raise fail(f"alpha_pattern gives {module} a value that is not a number") from None
         ranks[module] = rank
         scales[module] = a / math.sqrt(rank) if use_rslora else a / rank
         tensor_names[module] = (ab["A"], ab["B"])

@@ -24,7 +24,7 @@ import torch
 
 from keel.config import LoRAConfig
 from keel.errors import LoRAError, LoRANotFoundError
-from keel.lora.adapter import AdapterSpec, BaseTargets, load_weights, read_spec
+from keel.lora.adapter import AdapterSpec, BaseTargets, check_adapter_name, load_weights, read_spec
 from keel.lora.layers import LinearLoRA, LoRACosts, lora_store_dtype, rank_groups
 
 log = logging.getLogger("keel.lora")
@@ -106,15 +106,14 @@ class LoRAManager:
     # -- registry (any thread) ---------------------------------------------------------------
     def register(self, name: str, path: str) -> int:
         """Register without reading anything; the folder is validated at its first use."""
-        if not isinstance(name, str) or not name.strip() or name != name.strip():
-            raise LoRAError(f"adapter name {name!r} is invalid: give a non-empty name without surrounding spaces")
-        path = os.path.abspath(os.path.expanduser(str(path)))
+        check_adapter_name(name)
+        path = os.path.realpath(os.path.expanduser(str(path)))
         with self._cv:
             old = self._by_name.get(name)
             if old is not None:
                 if old.path == path:
                     return old.adapter_id
-                raise LoRAError(f"adapter {name!r} is already registered with path {old.path}; unload it first")
+                raise LoRAError(f"adapter {name!r} is already registered with another folder; unload it first")
             entry = _Entry(name, path, next(self._ids))
             self._by_name[name] = entry
             self._by_id[entry.adapter_id] = entry
@@ -138,7 +137,7 @@ class LoRAManager:
 
     def check_folder(self, name: str, path: str) -> None:
         """Validate an adapter folder as `add` would (LoRAError with the reason), registering nothing."""
-        read_spec(name, os.path.abspath(os.path.expanduser(str(path))), self.base, self.config.max_lora_rank,
+        read_spec(name, os.path.realpath(os.path.expanduser(str(path))), self.base, self.config.max_lora_rank,
                   self.served_model)
 
     def register_dir(self, folder: str) -> list[str]:
@@ -149,6 +148,11 @@ class LoRAManager:
         for sub in sorted(os.listdir(folder)):
             path = os.path.join(folder, sub)
             if os.path.isfile(os.path.join(path, "adapter_config.json")):
+                try:
+                    check_adapter_name(sub)
+                except LoRAError as e:
+                    log.warning("skipping %s: %s", path, e)
+                    continue
                 self.register(sub, path)
                 names.append(sub)
         return names

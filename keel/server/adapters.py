@@ -8,7 +8,12 @@ Choices where vLLM and OpenAI say nothing:
 - an adapter is validated (config, targets, shapes, base model) before the load call answers, off the
   event loop, and its weights are read in the background: the call never waits on a running batch;
 - each adapter answers with its own `system_fingerprint`: the base model's combined with a digest of
-  the adapter's files, so two adapters, or two versions of one, never share a fingerprint.
+  the adapter's files, so two adapters, or two versions of one, never share a fingerprint;
+- a load reads only folders under the operator's allowed roots (`--lora-dir`, `--allowed-lora-path`),
+  unless the operator starts the server with `--allow-any-lora-path`. A path outside them gets one
+  answer whether or not it exists, so the API cannot be used to explore the server's disk; errors
+  quote the path as the client gave it, never the server's absolute paths;
+- /v1/models shows an adapter's name as its `root`; its folder only with `--show-lora-paths`.
 """
 
 from __future__ import annotations
@@ -16,18 +21,53 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 
 from keel.errors import LoRAError, LoRANotFoundError
-from keel.server.errors import APIError
+from keel.lora.adapter import check_adapter_name
+from keel.server.errors import APIError, shown
 from keel.server.fingerprint import digest_file
 
 router = APIRouter()
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass
+class LoRAPolicy:
+    """Where POST /v1/load_lora_adapter may read adapters from, and what /v1/models tells about them."""
+    roots: list[str] | None = field(default_factory=list)
+    """Folders (with everything under them) adapters may be loaded from; None: any path the server can
+    read (`--allow-any-lora-path`); empty: no folder, so loads over the API are refused."""
+    show_paths: bool = False
+    """/v1/models gives each adapter's folder as its `root` (default: its name)."""
+
+    def __post_init__(self) -> None:
+        if self.roots is not None:
+            self.roots = [os.path.realpath(os.path.expanduser(r)) for r in self.roots]
+
+    def resolve(self, given: str) -> str:
+        """The real folder `given` names, or a 403 when it lies outside every root. Symbolic links are
+        followed first, so a link inside a root cannot lead outside it."""
+        if "\0" in given:
+            raise _not_allowed()
+        real = os.path.realpath(os.path.expanduser(given))
+        if self.roots is None:
+            return real
+        for root in self.roots:
+            if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+                return real
+        raise _not_allowed()
+
+
+def _not_allowed() -> APIError:
+    return APIError(403, "lora_path is not inside a folder this server loads adapters from (the operator "
+                         "sets them with --lora-dir and --allowed-lora-path).", type="permission_error",
+                    code="lora_path_not_allowed", param="lora_path")
 
 
 class LoadLoRARequest(BaseModel):
@@ -54,9 +94,12 @@ def adapter_fingerprint(base: str, path: str, stored_as=None) -> str:
 
 
 def adapter_cards(state) -> list[dict]:
-    """/v1/models entries for the registered adapters: `parent` is the base model, `root` the folder."""
-    return [{"id": a.name, "object": "model", "created": state.created, "owned_by": "keel", "root": a.path,
-             "parent": state.served_model_name, "max_model_len": state.engine.max_model_len}
+    """/v1/models entries for the registered adapters: `parent` is the base model, `root` the adapter's
+    name (its folder when the operator asked for paths)."""
+    show = state.lora_policy.show_paths
+    return [{"id": a.name, "object": "model", "created": state.created, "owned_by": "keel",
+             "root": a.path if show else a.name, "parent": state.served_model_name,
+             "max_model_len": state.engine.max_model_len}
             for a in state.engine.list_loras()]
 
 
@@ -80,24 +123,30 @@ async def load_lora_adapter(request: Request):
     state = _state(request)
     _need_lora(state)
     name = body.lora_name
-    if name == state.served_model_name:
-        raise APIError(400, f"`{name}` is the base model's name; give the adapter another name.",
-                       code="invalid_value", param="lora_name")
+    try:
+        check_adapter_name(name)
+    except LoRAError as e:
+        raise APIError(400, str(e), code="invalid_value", param="lora_name") from None
+    if name in state.served_names():
+        raise APIError(400, f"`{name}` is already the name of a model this server serves; give the adapter "
+                            f"another name.", code="invalid_value", param="lora_name")
     engine = state.engine
     loop = asyncio.get_running_loop()
+    path = state.lora_policy.resolve(body.lora_path)
 
     def load() -> None:
         if body.load_inplace:
-            path = os.path.abspath(os.path.expanduser(body.lora_path))
             old = engine.lora.path_of(name)
             if old is not None and old != path:
                 engine.lora.check_folder(name, path)  # a bad new folder leaves the old adapter in place
                 engine.remove_lora(name)
-        engine.add_lora(name, body.lora_path)
+        engine.add_lora(name, path)
     try:
         await loop.run_in_executor(None, load)
     except LoRAError as e:
-        raise APIError(400, f"LoRA adapter `{name}` cannot be loaded: {e}", code="invalid_lora_adapter",
+        # quote the path as the client wrote it: the resolved one would show the server's layout
+        msg = str(e).replace(path, body.lora_path)
+        raise APIError(400, f"LoRA adapter `{name}` cannot be loaded: {msg}", code="invalid_lora_adapter",
                        param="lora_path") from None
     state.forget_fingerprint(name)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
@@ -112,7 +161,7 @@ async def unload_lora_adapter(request: Request):
     try:
         state.engine.remove_lora(body.lora_name)
     except LoRANotFoundError:
-        raise APIError(404, f"The LoRA adapter `{body.lora_name}` is not loaded.", code="lora_not_found",
+        raise APIError(404, f"The LoRA adapter `{shown(body.lora_name)}` is not loaded.", code="lora_not_found",
                        param="lora_name") from None
     state.forget_fingerprint(body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

@@ -16,6 +16,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 import keel
 from keel.engine.async_engine import AsyncEngine
@@ -25,12 +26,16 @@ from keel.sampling_params import SamplingParams
 from keel.embed import EmbeddingModel
 from keel.server import errors
 from keel.server.embeddings import EmbeddingService
-from keel.server.adapters import adapter_cards, adapter_fingerprint
+from keel.server.adapters import LoRAPolicy, adapter_cards, adapter_fingerprint
+from keel.server.body import parse_json
 from keel.server.errors import APIError, context_length_exceeded, from_validation, model_not_found
 from keel.server.fingerprint import created_time, system_fingerprint
+from keel.server.limits import BodyGuard, ServerLimits
 from keel.server.metrics import Metrics
 
 DEFAULT_MAX_WAITING = 256
+# Bodies larger than this are parsed and validated on a worker thread, so the event loop keeps serving.
+OFFLOAD_BODY_BYTES = 256 * 1024
 
 
 @dataclass
@@ -44,7 +49,13 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     allow_lora_updates: bool = True
     embeddings: EmbeddingService | None = None
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    lora_policy: LoRAPolicy = field(default_factory=LoRAPolicy)
     _adapter_fps: dict[str, str] = field(default_factory=dict)
+
+    def served_names(self) -> set[str]:
+        """Names a request's `model` may give besides adapters: the chat and the embedding model."""
+        return {self.served_model_name, *([self.embeddings.model.name] if self.embeddings else [])}
 
     def is_adapter(self, name: str) -> bool:
         return self.engine.lora is not None and self.engine.lora.path_of(name) is not None
@@ -99,11 +110,17 @@ def get_state(request: Request) -> ServerState:
 
 async def read_body(request: Request, model: type[BaseModel]):
     """The JSON body as `model`. Read by hand rather than by FastAPI so that a body sent without
-    `Content-Type: application/json` (curl -d) is still read as JSON, as OpenAI's API does."""
-    try:
-        data = json.loads(await request.body())
-    except ValueError as e:
-        raise APIError(400, f"The request body is not valid JSON: {e}", code="invalid_json") from None
+    `Content-Type: application/json` (curl -d) is still read as JSON, as OpenAI's API does; checked
+    for depth and bad text first (keel.server.body)."""
+    raw = await request.body()
+    depth = get_state(request).limits.max_json_depth
+    if len(raw) > OFFLOAD_BODY_BYTES:
+        return await run_in_threadpool(_parse_body, raw, model, depth)
+    return _parse_body(raw, model, depth)
+
+
+def _parse_body(raw: bytes, model: type[BaseModel], max_depth: int):
+    data = parse_json(raw, max_depth)
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -115,31 +132,37 @@ async def require_api_key(request: Request) -> None:
     if key is None:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    challenge = {"WWW-Authenticate": 'Bearer realm="keel"'}
     if scheme.lower() != "bearer" or not token.strip():
         raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
-                       code="invalid_api_key")
+                       code="invalid_api_key", headers=challenge)
     # constant-time, so response timing does not reveal how much of a guessed key was right
-    if not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    if not hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"), key.encode()):
+        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key", headers=challenge)
 
 
 def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None = None,
                max_waiting: int = DEFAULT_MAX_WAITING, allow_lora_updates: bool = True,
-               embedding_model: EmbeddingModel | None = None, engine_threads: int | None = None) -> FastAPI:
+               embedding_model: EmbeddingModel | None = None, engine_threads: int | None = None,
+               limits: ServerLimits | None = None, lora_policy: LoRAPolicy | None = None,
+               enable_docs: bool = False) -> FastAPI:
     """embedding_model: served by POST /v1/embeddings under its own name (None: no embeddings).
     allow_lora_updates: POST /v1/load_lora_adapter and /v1/unload_lora_adapter work (when the
-    engine serves LoRA adapters); they read folders on the server's disk, so turn them off where
-    holders of the API key should not choose what the server reads.
-    engine_threads: torch's thread count, set from the engine thread (see AsyncEngine)."""
+    engine serves LoRA adapters); lora_policy says from which folders (by default none: see LoRAPolicy).
+    engine_threads: torch's thread count, set from the engine thread (see AsyncEngine).
+    limits: request size, time and count limits (keel.server.limits).
+    enable_docs: serve /docs, /redoc and /openapi.json (open, like /health: they describe the API and
+    hold no data); off by default, so an exposed server does not advertise every route."""
     from keel.server import adapters, chat, completions, embeddings  # these import this module
 
     aeng = AsyncEngine(engine, max_waiting=max_waiting, num_threads=engine_threads)
     state = ServerState(engine, aeng, served_model_name, api_key or None, system_fingerprint(engine),
-                        created_time(engine), allow_lora_updates=allow_lora_updates)
+                        created_time(engine), allow_lora_updates=allow_lora_updates,
+                        limits=limits or ServerLimits(), lora_policy=lora_policy or LoRAPolicy())
     if embedding_model is not None:
         if embedding_model.name == served_model_name:
             raise ValueError(f"the embedding model and the chat model are both named {served_model_name!r}")
-        state.embeddings = EmbeddingService(embedding_model, state.created)
+        state.embeddings = EmbeddingService(embedding_model, state.created, state.limits.max_embedding_inputs)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -148,9 +171,11 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
         if state.embeddings is not None:
             state.embeddings.shutdown()
 
-    app = FastAPI(title="keel", version=keel.__version__, lifespan=lifespan, debug=False)
+    docs = {} if enable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="keel", version=keel.__version__, lifespan=lifespan, debug=False, **docs)
     app.state.keel = state
     errors.install(app)
+    app.add_middleware(BodyGuard, limits=state.limits)  # outermost: no handler sees an unchecked body
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
     v1.include_router(chat.router)

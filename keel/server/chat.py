@@ -54,11 +54,9 @@ async def create_chat_completion(request: Request):
     body = await read_body(request, ChatCompletionRequest)
     state = get_state(request)
     adapter = state.check_model(body.model)
-    prompt_ids = render_prompt(state.engine.tokenizer, body)
-    max_tokens = state.max_tokens_for(len(prompt_ids), body.requested_max_tokens, "messages")
-    params = body.sampling_params(max_tokens, body.num_logprobs)
-    # compiling a new schema can take a while: off the event loop, which serves every other client
-    names = await run_in_threadpool(_structured_params, state.engine, body, params)
+    # templating, tokenizing (seconds for a 5 MB message) and compiling a schema: off the event loop,
+    # which serves every other client
+    prompt_ids, params, names = await run_in_threadpool(_prepare, state, body)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     fanin = await start(request, [state.generate(request_id, prompt_ids, params, arrival, adapter)])
     head = {"id": request_id, "created": now(), "model": body.model,
@@ -82,10 +80,14 @@ async def create_chat_completion(request: Request):
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage(final)})
 
 
-def _structured_params(engine, body: ChatCompletionRequest, params) -> set[str]:
-    names = tool_params(engine, body, params)
-    check_structured(engine, params, "response_format")
-    return names
+def _prepare(state, body: ChatCompletionRequest):
+    """The prompt's token ids, the sampling parameters and the names of the callable tools."""
+    prompt_ids = render_prompt(state.engine.tokenizer, body)
+    max_tokens = state.max_tokens_for(len(prompt_ids), body.requested_max_tokens, "messages")
+    params = body.sampling_params(max_tokens, body.num_logprobs)
+    names = tool_params(state.engine, body, params)
+    check_structured(state.engine, params, "response_format")
+    return prompt_ids, params, names
 
 
 def check_structured(engine, params, param: str) -> None:

@@ -12,6 +12,7 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from keel.outputs import CompletionOutput, RequestOutput
 from keel.server.app import get_state, now, read_body
@@ -69,10 +70,7 @@ async def create_completion(request: Request):
     adapter = state.check_model(body.model)
     tok = state.engine.tokenizer
     prompts = body.prompts
-    # Tokenized here (as the engine would) so that the context check and usage see the same ids.
-    ids = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-    params = [body.sampling_params(state.max_tokens_for(len(p), body.max_tokens, "prompt"), body.logprobs)
-              for p in ids]
+    ids, params = await run_in_threadpool(_prepare, state, body, prompts)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     n = body.n or 1
     echoes = [(p if isinstance(p, str) else tok.decode(p, skip_special_tokens=False)) if body.echo else ""
@@ -95,6 +93,16 @@ async def create_completion(request: Request):
         out.append({"index": k, "text": c.echo + o.text, "logprobs": c.logprobs() if want_lp else None,
                     "finish_reason": finish_reason(o)})
     return JSONResponse({**head, "choices": out, "usage": usage(finals)})
+
+
+def _prepare(state, body: CompletionRequest, prompts: list) -> tuple[list[list[int]], list]:
+    """Token ids and sampling parameters per prompt. Tokenized here (as the engine would) so that the
+    context check and usage see the same ids; on a worker thread, as a long prompt takes seconds."""
+    tok = state.engine.tokenizer
+    ids = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    params = [body.sampling_params(state.max_tokens_for(len(p), body.max_tokens, "prompt"), body.logprobs)
+              for p in ids]
+    return ids, params
 
 
 async def _collect(fanin: Fanin, choices: list[_Choice], n: int, want_lp: bool) -> list[RequestOutput]:

@@ -6,13 +6,16 @@ Choices where OpenAI's API is silent or does not apply:
   extension `"truncation": true`, which keeps the first tokens (as sentence-transformers does);
 - `dimensions` shortens (first components, renormalised) only models trained for it (a
   `matryoshka_dimensions` entry in their config); for others a value other than the full size is a 400;
-- the forward passes run on one worker thread of their own, never on the event loop.
+- the forward passes run on one worker thread of their own, never on the event loop, and stop
+  (between batches) when the client goes away;
+- at most `--max-embedding-inputs` inputs (2048, OpenAI's limit) per request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
@@ -25,6 +28,7 @@ from pydantic import Field, StrictInt, StrictStr
 from keel.embed import EmbeddingModel
 from keel.server.errors import APIError, model_not_found
 from keel.server.protocol import _Strict
+from keel.server.streaming import unless_disconnected
 
 router = APIRouter()
 
@@ -41,9 +45,10 @@ class EmbeddingRequest(_Strict):
 class EmbeddingService:
     """The model and the one thread its forward passes run on."""
 
-    def __init__(self, model: EmbeddingModel, created: int | None = None) -> None:
+    def __init__(self, model: EmbeddingModel, created: int | None = None, max_inputs: int = 2048) -> None:
         self.model = model
         self.created = created if created is not None else int(time.time())
+        self.max_inputs = max_inputs
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keel-embed")
 
     def card(self) -> dict:
@@ -58,8 +63,8 @@ class EmbeddingService:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def token_lists(body: EmbeddingRequest, model: EmbeddingModel) -> list[list[int]]:
-    """The request's inputs as token lists within the model's limit, or a 400 naming the problem."""
+def raw_inputs(body: EmbeddingRequest, max_inputs: int) -> list[str | list[int]]:
+    """The request's inputs as a list, each a string or a token list; a 400 for none or too many."""
     raw = body.input
     if isinstance(raw, str):
         raw = [raw]
@@ -67,8 +72,19 @@ def token_lists(body: EmbeddingRequest, model: EmbeddingModel) -> list[list[int]
         raise APIError(400, "'input' is an empty list; send at least one string or token list.", param="input")
     if isinstance(raw[0], int):
         raw = [raw]
+    if len(raw) > max_inputs:
+        raise APIError(400, f"'input' holds {len(raw)} inputs; this server takes at most {max_inputs} in one "
+                            f"request. Split them over several requests.", param="input")
+    return raw
+
+
+def token_lists(body: EmbeddingRequest, model: EmbeddingModel, raw: list,
+                cancel: threading.Event | None = None) -> list[list[int]]:
+    """The request's inputs as token lists within the model's limit, or a 400 naming the problem."""
     out = []
     for i, item in enumerate(raw):
+        if cancel is not None and cancel.is_set():
+            return []
         where = "input" if len(raw) == 1 else f"input[{i}]"
         if isinstance(item, str):
             if not item:
@@ -121,8 +137,13 @@ async def create_embeddings(request: Request):
                            param="dimensions")
         if dims > model.dimensions:
             raise APIError(400, f"'dimensions' is {dims}, over the model's {model.dimensions}.", param="dimensions")
-    inputs = await service.run(token_lists, body, model)
-    vectors = await service.run(model.embed, inputs, dims)
+    raw = raw_inputs(body, service.max_inputs)
+    cancel = threading.Event()  # set when the client leaves: the worker stops between batches
+    try:
+        inputs = await unless_disconnected(request, service.run(token_lists, body, model, raw, cancel))
+        vectors = await unless_disconnected(request, service.run(model.embed, inputs, dims, cancel))
+    finally:
+        cancel.set()
     data = [{"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
             for i, v in enumerate(vectors)]
     tokens = sum(len(x) for x in inputs)

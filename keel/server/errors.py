@@ -41,7 +41,7 @@ class APIError(Exception):
 
 
 def model_not_found(name: str) -> APIError:
-    return APIError(404, f"The model `{name}` does not exist or you do not have access to it.",
+    return APIError(404, f"The model `{shown(name)}` does not exist or you do not have access to it.",
                     code="model_not_found", param="model")
 
 
@@ -79,18 +79,30 @@ def from_exception(exc: BaseException) -> APIError:
                         param="model")
     if isinstance(exc, KeelError):  # the engine's own validation (prompt tokens, stop ids, ...)
         return APIError(400, str(exc), code="invalid_value")
+    if isinstance(exc, RecursionError):  # input nested past what some library walks recursively
+        log.warning("a request nested too deeply", exc_info=exc)
+        return APIError(400, "The request nests too deeply to be processed.", code="invalid_value")
     error_id = uuid.uuid4().hex[:12]
     log.error("internal error %s", error_id, exc_info=exc)
     return APIError(500, f"The server had an error while processing your request (error id {error_id}).",
                     type="server_error", code="internal_error")
 
 
-def _param(loc: tuple) -> str | None:
-    parts = [p for p in loc if p != "body"]
+def path_str(path: tuple) -> str | None:
+    """A location in a JSON body as OpenAI writes `param`: messages[0].content."""
     out = ""
-    for p in parts:
+    for p in path:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out or None
+
+
+def _param(loc: tuple) -> str | None:
+    return path_str(tuple(p for p in loc if p != "body"))
+
+
+def shown(text: str, limit: int = 200) -> str:
+    """A client's string as quoted back in a message: cut, so a 5 MB model name is not echoed whole."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def from_validation(exc: RequestValidationError | ValidationError) -> APIError:
@@ -115,8 +127,8 @@ def from_validation(exc: RequestValidationError | ValidationError) -> APIError:
     if param is None:  # the body itself, e.g. a JSON array instead of an object
         return APIError(400, f"Invalid request body: {msg}", code="invalid_body")
     value = e.get("input")
-    shown = repr(value) if value is None or isinstance(value, (int, float, str, bool)) else type(value).__name__
-    return APIError(400, f"Invalid value for '{param}' ({shown}): {msg}", code="invalid_value", param=param)
+    quoted = shown(repr(value)) if value is None or isinstance(value, (int, float, str, bool)) else type(value).__name__
+    return APIError(400, f"Invalid value for '{param}' ({quoted}): {msg}", code="invalid_value", param=param)
 
 
 async def _known(request: Request, exc: Exception):

@@ -96,6 +96,9 @@ class Metrics:
                [f"keel_prompt_tokens_total {self.prompt_tokens}"])
         metric("keel_generation_tokens_total", "counter", "Generated tokens, all choices included.",
                [f"keel_generation_tokens_total {self.generation_tokens}"])
+        metric("keel_engine_loop_restarts_total", "counter",
+               "Failures that escaped an engine step; each ended the requests in flight, and the loop went on.",
+               [f"keel_engine_loop_restarts_total {aeng.num_restarts}"])
         metric("keel_requests_total", "counter",
                "Finished engine requests by finish reason: 'length' if any choice hit its token limit, "
                "'abort' if the client left before the end, else 'stop'.",

@@ -168,12 +168,25 @@ class NamedToolChoice(_Strict):
     function: _FunctionName
 
 
+class CalledFunction(_Strict):
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # OpenAI clients send a JSON string; some send the object
+
+
+class ToolCallIn(_Strict):
+    """An earlier call, sent back in an assistant message."""
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+    index: int | None = None  # kept by clients that rebuild calls from streamed deltas
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Any = None  # a string or a list of text parts; checked below for a clearer message than a union's
     name: str | None = None
     tool_call_id: str | None = None  # role "tool"
-    tool_calls: list[dict[str, Any]] | None = None  # role "assistant": earlier calls, rendered by the template
+    tool_calls: list[ToolCallIn] | None = None  # role "assistant": earlier calls, rendered by the template
     refusal: str | None = None  # role "assistant": a refusal echoed back by the client; not shown to the model
 
     @field_validator("content")

@@ -26,6 +26,7 @@ import re
 import uuid
 
 from keel.engine.guided import JSON_OPTIONS
+from keel.server.body import depth_ok
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 FALLBACK_INSTRUCTIONS = (
@@ -43,13 +44,18 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
+MAX_ARGUMENTS_DEPTH = 32
+
+
 def _arguments_object(arguments):
-    # OpenAI clients send arguments as a JSON string; templates expect the object
+    # OpenAI clients send arguments as a JSON string; templates expect the object. A string that is
+    # not JSON, or nests deeper than templates should walk, stays the string it was.
     if isinstance(arguments, str):
         try:
-            return json.loads(arguments)
-        except ValueError:
+            parsed = json.loads(arguments)
+        except (ValueError, RecursionError):
             return arguments
+        return parsed if depth_ok(parsed, MAX_ARGUMENTS_DEPTH) else arguments
     return arguments
 
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from keel.config import CacheConfig, LoRAConfig
 from keel.engine.llm_engine import LLMEngine
 from keel.server import create_app
+from keel.server.adapters import LoRAPolicy
 from tests.lora.conftest import hf_greedy
 from tests.lora.test_validation import _bad_adapters
 from tests.server.conftest import LiveServer
@@ -37,7 +38,9 @@ def env(lora_case, tmp_path_factory):
     for name in ("all-r8-rslora", "mlp-r8-layer1"):
         shutil.copytree(adapters[name][0], lora_dir / name)
     engine.register_lora_dir(str(lora_dir))  # as --lora-dir does: registered, not read
-    with LiveServer(create_app(engine, served_model_name=BASE)) as server:
+    # loads over the API may read anything under pytest's temporary folders (the adapters are there)
+    policy = LoRAPolicy(roots=[str(tmp_path_factory.getbasetemp())])
+    with LiveServer(create_app(engine, served_model_name=BASE, lora_policy=policy)) as server:
         yield server, ckpt, hf, adapters, root, lora_case
 
 
@@ -58,7 +61,7 @@ def test_models_lists_adapters_with_their_parent(env):
     assert cards[BASE].parent is None
     for name in ("qv-r4", "all-r8-rslora", "mlp-r8-layer1"):
         assert cards[name].parent == BASE
-    assert cards["all-r8-rslora"].root == str(root / "dir" / "all-r8-rslora")
+    assert cards["all-r8-rslora"].root == "all-r8-rslora"  # the server's folders stay private by default
     assert server.client().models.retrieve("qv-r4").parent == BASE
 
 
@@ -116,8 +119,8 @@ def test_unload_then_404_then_load_again(env):
     assert r.status_code == 400 and "already registered" in r.json()["error"]["message"]
     before = complete(server.client(), "temp", PROMPTS[1])
     assert before.choices[0].text.split() == expected_text(server, adapters["qv-r4"][1], PROMPTS[1])
-    r = http.post("/v1/load_lora_adapter", json={"lora_name": "temp", "lora_path": "/no/such/adapter",
-                                                 "load_inplace": True})
+    gone = str(server.state.lora_policy.roots[0]) + "/no/such/adapter"
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "temp", "lora_path": gone, "load_inplace": True})
     assert r.status_code == 400 and "does not exist" in r.json()["error"]["message"]
     kept = complete(server.client(), "temp", PROMPTS[1])  # a bad replacement leaves the old adapter serving
     assert kept.choices[0].text.split() == before.choices[0].text.split()
@@ -141,7 +144,7 @@ def test_load_body_errors(env):
     r = http.post("/v1/load_lora_adapter", json={"lora_name": "x"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path"
     r = http.post("/v1/load_lora_adapter", json={"lora_name": BASE, "lora_path": "/tmp"})
-    assert r.status_code == 400 and "base model's name" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "already the name of a model" in r.json()["error"]["message"]
 
 
 HTTP_BAD = ["missing", "bad_json", "dora", "unknown_target", "module_the_base_lacks", "wrong_shape",

@@ -161,7 +161,7 @@ def test_unknown_adapter_and_lora_off(env, lora_case):
         llm.generate([PROMPT], GREEDY, lora_request=LoRARequest("nobody"))
     with pytest.raises(LoRANotFoundError):
         llm.remove_lora("nobody")
-    with pytest.raises(LoRAError, match="already registered with path"):
+    with pytest.raises(LoRAError, match="already registered with another folder"):
         llm.add_lora("good", lora_case("llama-gqa")[2]["qv-r4"][0])
     check_still_serving()
     plain = LLM(lora_case("llama-gqa")[0], dtype="float32", num_blocks=32, block_size=4)
@@ -189,7 +189,11 @@ def test_weights_that_break_after_validation_abort_only_their_requests(env):
     ("all-linear", None),
     (r".*embed_tokens", "token embedding"),
     (r"model\.layers\.\d+\.foo", "matches no module"),
-    ("[", "not a valid regular expression"),
+    ("[", "not a regular expression keel can match in linear time"),
+    (r"(?=model).*q_proj", "no backreferences or look-around"),
+    # catastrophic for a backtracking engine (2^n paths on a 30-character name); linear under RE2
+    (r"(.|.)*X", "matches no module"),
+    (r"(a|aa)*(a|aa)*(a|aa)*(a|aa)*(a|aa)*(a|aa)*b", "matches no module"),
     (["q_proj", "v_proj", "norm"], "only the attention and MLP projections"),
 ])
 def test_target_modules_forms(env, targets, message):
