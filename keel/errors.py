@@ -14,7 +14,11 @@ class UnsupportedModelError(ModelLoadError):
 
 
 class InvalidRequestError(KeelError, ValueError):
-    """A prompt or sampling parameter is invalid."""
+    """A prompt or sampling parameter is invalid; `param` names it where known (an API field name)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class LoRAError(InvalidRequestError):

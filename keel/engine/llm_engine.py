@@ -196,7 +196,7 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if params.top_k > vocab:
             raise InvalidRequestError(f"top_k={params.top_k} is invalid: this model has {vocab} tokens, so top_k "
-                                      f"can be at most {vocab} (or 0 / -1 for all of them)")
+                                      f"can be at most {vocab} (or 0 / -1 for all of them)", "top_k")
         for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias or {}))):
             for t in ids:
                 try:
@@ -204,7 +204,7 @@ class LLMEngine:
                 except (TypeError, ValueError):
                     ok = False
                 if not ok:
-                    raise InvalidRequestError(f"{name} has token id {t!r}, outside the vocabulary [0, {vocab})")
+                    raise InvalidRequestError(f"{name} has token id {t!r}, outside the vocabulary [0, {vocab})", name)
 
     def abort_request(self, request_id: str) -> None:
         group = self.groups.pop(request_id, None)

@@ -7,7 +7,6 @@ the model is loaded and how the app is run.
 from __future__ import annotations
 
 import hmac
-import json
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -124,7 +123,7 @@ def _parse_body(raw: bytes, model: type[BaseModel], max_depth: int):
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise from_validation(e) from None
+        raise from_validation(e, data) from None
 
 
 async def require_api_key(request: Request) -> None:

@@ -78,7 +78,7 @@ def from_exception(exc: BaseException) -> APIError:
         return APIError(400, f"The model's LoRA adapter cannot be used: {exc}", code="invalid_lora_adapter",
                         param="model")
     if isinstance(exc, KeelError):  # the engine's own validation (prompt tokens, stop ids, ...)
-        return APIError(400, str(exc), code="invalid_value")
+        return APIError(400, str(exc), code="invalid_value", param=getattr(exc, "param", None))
     if isinstance(exc, RecursionError):  # input nested past what some library walks recursively
         log.warning("a request nested too deeply", exc_info=exc)
         return APIError(400, "The request nests too deeply to be processed.", code="invalid_value")
@@ -105,12 +105,32 @@ def shown(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-def from_validation(exc: RequestValidationError | ValidationError) -> APIError:
+def _located(loc: tuple, data) -> str | None:
+    """`param` for an error at pydantic's `loc` in `data`: pydantic puts the names of union members
+    ("str", "list[int]") in the path; only the steps that exist in the body are kept."""
+    path, node = [], data
+    for step in loc:
+        if isinstance(node, dict) and isinstance(step, str) and step in node:
+            node = node[step]
+        elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+            node = node[step]
+        elif isinstance(node, dict) and isinstance(step, str) and len(path) == len(loc) - 1 and step not in node:
+            path.append(step)  # a missing or unknown field: its name is the param
+            break
+        else:
+            continue
+        path.append(step)
+    return path_str(tuple(path))
+
+
+def from_validation(exc: RequestValidationError | ValidationError, data=None) -> APIError:
+    """data: the parsed body, to name the param exactly (see _located)."""
     errors = exc.errors()
     if not errors:
         return APIError(400, "invalid request body")
     e = errors[0]
-    kind, param = e.get("type", ""), _param(tuple(e.get("loc", ())))
+    loc = tuple(e.get("loc", ()))
+    kind, param = e.get("type", ""), (_param(loc) if data is None else _located(loc, data))
     cause = (e.get("ctx") or {}).get("error")
     if isinstance(cause, RequestError):
         return APIError(400, cause.message, code=cause.code, param=cause.param or param)

@@ -4,9 +4,7 @@ through 8 resident slots: outputs right, residency within the budget at every st
 from __future__ import annotations
 
 import copy
-import json
 import os
-import shutil
 
 import pytest
 import torch

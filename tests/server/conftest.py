@@ -53,14 +53,15 @@ def tiny_engine(folder: str, **scheduler) -> LLMEngine:
 class LiveServer:
     """Runs an app on uvicorn in a background thread, on a port the OS picked on 127.0.0.1."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, **config) -> None:
+        """config: more uvicorn.Config settings (keel.server.limits.uvicorn_settings, say)."""
         self.app = app
         self.state = app.state.keel
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
 
     def __enter__(self) -> "LiveServer":
