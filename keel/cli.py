@@ -133,6 +133,10 @@ def cmd_serve(args) -> int:
         lora = LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
                           lora_dtype=args.lora_dtype)
     adapters = [_lora_arg(spec) for spec in args.lora or []]  # bad syntax fails before the model loads
+    api_key = _api_key(args)
+    limits = ServerLimits(max_request_bytes=args.max_request_bytes, body_timeout_s=args.body_timeout,
+                          header_timeout_s=args.header_timeout, max_connections=args.max_connections or None,
+                          max_embedding_inputs=args.max_embedding_inputs)
     # The engine steps on its own thread. On a CPU every OpenMP thread pool counts against the cores:
     # once the main thread has started one (by loading the model with several threads), libgomp
     # sees more threads than cores and its workers sleep between parallel regions instead of spinning,
@@ -147,25 +151,26 @@ def cmd_serve(args) -> int:
     engine = LLMEngine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                        quantization=args.quantize, lora=lora, weight_dtype=args.weight_dtype,
                        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs))
-    for folder in args.lora_dir or []:
-        names = engine.register_lora_dir(folder)
-        print(f"keel: registered {len(names)} adapters from {folder}", file=sys.stderr, flush=True)
-    for name, path in adapters:
-        engine.add_lora(name, path)  # validated now: a bad adapter stops the start with its reason
     name = args.served_model_name
     if not name:
         # a hub id is served under that id; a local folder or file under its own name
         local = args.model is None or os.path.exists(args.model)
         name = DEFAULT_MODEL_NAME if args.model is None else engine.model_name if local else args.model
     embedder = _embedding_model(args, name)
-    clash = [a for a, _ in adapters if a in (name, embedder.name if embedder else None)]
-    if clash:
-        raise KeelError(f"--lora {clash[0]}=...: that name is already a served model's; give the adapter another")
-    limits = ServerLimits(max_request_bytes=args.max_request_bytes, body_timeout_s=args.body_timeout,
-                          header_timeout_s=args.header_timeout, max_connections=args.max_connections or None,
-                          max_embedding_inputs=args.max_embedding_inputs)
+    served = {name, *([embedder.name] if embedder else [])}
+    for adapter, _ in adapters:
+        if adapter in served:
+            raise KeelError(f"--lora {adapter}=...: that is the name of a served model; give the adapter another")
+    for folder in args.lora_dir or []:
+        names = engine.register_lora_dir(folder)
+        for clash in served & set(names):
+            engine.remove_lora(clash)
+            print(f"keel: skipped adapter {clash} in {folder}: a served model has that name", file=sys.stderr)
+        print(f"keel: registered {len(set(names) - served)} adapters from {folder}", file=sys.stderr, flush=True)
+    for adapter, path in adapters:
+        engine.add_lora(adapter, path)  # validated now: a bad adapter stops the start with its reason
     roots = None if args.allow_any_lora_path else [*(args.lora_dir or []), *(args.allowed_lora_path or [])]
-    app = create_app(engine, served_model_name=name, api_key=_api_key(args), max_waiting=args.max_waiting,
+    app = create_app(engine, served_model_name=name, api_key=api_key, max_waiting=args.max_waiting,
                      allow_lora_updates=not args.no_lora_updates, embedding_model=embedder,
                      engine_threads=engine_threads, limits=limits, enable_docs=args.enable_docs,
                      lora_policy=LoRAPolicy(roots=roots, show_paths=args.show_lora_paths))
@@ -177,7 +182,7 @@ def cmd_serve(args) -> int:
 
 
 def _api_key(args) -> str | None:
-    """--api-key-file, else $KEEL_API_KEY, else --api-key (visible in the process list: the others are not)."""
+    """--api-key-file, else --api-key (visible in the process list: the others are not), else $KEEL_API_KEY."""
     if args.api_key_file:
         try:
             with open(args.api_key_file, encoding="utf-8") as f:
@@ -187,7 +192,7 @@ def _api_key(args) -> str | None:
         if not key:
             raise KeelError(f"--api-key-file {args.api_key_file} is empty")
         return key
-    return os.environ.get("KEEL_API_KEY") or args.api_key or None
+    return args.api_key or os.environ.get("KEEL_API_KEY") or None
 
 
 def main(argv: list[str] | None = None) -> int:

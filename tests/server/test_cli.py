@@ -47,3 +47,35 @@ def test_serve_embedding_model_flags(tiny_ckpt, monkeypatch, tmp_path):
         assert state.embeddings is None
     assert serve(monkeypatch, tiny_ckpt, "--no-embedding-model")["state"].embeddings is None
     assert main(["serve", tiny_ckpt, "--embedding-model", str(tmp_path / "nope")]) == 2
+
+
+def test_serve_limit_and_security_flags(tiny_ckpt, monkeypatch, tmp_path):
+    key = tmp_path / "key"
+    key.write_text("from-file\n")
+    allowed = tmp_path / "adapters"
+    allowed.mkdir()
+    ran = serve(monkeypatch, tiny_ckpt, "--api-key-file", str(key), "--max-request-bytes", "1000",
+                "--body-timeout", "3", "--header-timeout", "2", "--max-connections", "7",
+                "--max-embedding-inputs", "5", "--enable-lora", "--allowed-lora-path", str(allowed),
+                "--show-lora-paths", "--enable-docs")
+    state, limits = ran["state"], ran["state"].limits
+    assert state.api_key == "from-file"
+    assert (limits.max_request_bytes, limits.body_timeout_s, limits.header_timeout_s) == (1000, 3, 2)
+    assert limits.max_embedding_inputs == 5 and ran["limit_concurrency"] == 7
+    assert ran["http"].__name__.startswith("HeaderTimeout")
+    assert state.lora_policy.roots == [str(allowed.resolve())] and state.lora_policy.show_paths
+    assert ran["app"].openapi_url == "/openapi.json"
+
+    state = serve(monkeypatch, tiny_ckpt, "--enable-lora", "--allow-any-lora-path")["state"]
+    assert state.lora_policy.roots is None and not state.lora_policy.show_paths
+    assert serve(monkeypatch, tiny_ckpt)["app"].openapi_url is None  # docs off by default
+
+
+def test_serve_refuses_bad_security_settings(tiny_ckpt, tmp_path, capsys):
+    (tmp_path / "empty").write_text("  \n")
+    assert main(["serve", tiny_ckpt, "--api-key-file", str(tmp_path / "empty")]) == 2
+    assert main(["serve", tiny_ckpt, "--api-key-file", str(tmp_path / "missing")]) == 2
+    assert main(["serve", tiny_ckpt, "--max-request-bytes", "0"]) == 2
+    assert main(["serve", tiny_ckpt, "--lora", f"{MODEL}={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "is empty" in err and "cannot read it" in err and "max_request_bytes" in err and "served model" in err
