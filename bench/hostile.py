@@ -229,9 +229,13 @@ def main() -> None:
         subprocess.run(["git", "worktree", "add", "--detach", tree, args.baseline_rev], check=True,
                        capture_output=True)
         try:
-            env = {**os.environ, "PYTHONPATH": tree}
+            # the editable install's import hook would find this checkout's keel first: drop it
+            start = (f"import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
+                     f"getattr(f, '__module__', '')]; sys.path.insert(0, {tree!r}); import keel; "
+                     f"assert keel.__file__.startswith({tree!r}), keel.__file__; "
+                     f"from keel.cli import main; sys.exit(main())")
             results.append((f"baseline {args.baseline_rev}",
-                            run_barrage([sys.executable, "-m", "keel.cli"], env, args.rounds, tmp)))
+                            run_barrage([sys.executable, "-c", start], dict(os.environ), args.rounds, tmp)))
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", tree], capture_output=True)
     rows = [f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}",

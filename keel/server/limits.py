@@ -9,6 +9,9 @@ connection: there is no request yet to answer.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import functools
 from dataclasses import dataclass
 
 from keel.config import _check
@@ -85,7 +88,33 @@ class BodyGuard:
                 return {"type": "http.request", "body": whole, "more_body": False}
             return await receive()  # after the body: the disconnect, when it comes
 
-        await self.app(scope, replay, send)
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            if len(whole) >= TRIM_AFTER_BYTES:
+                await loop.run_in_executor(None, trim_memory)
+
+
+# A request this large leaves hundreds of MB of freed memory (a 5 MB prompt: its text, JSON, token ids,
+# and the tokenizer's own allocations on worker threads) that glibc keeps in its arenas; returning it
+# takes a few ms (bench/results/hostile.md: RSS after the barrage).
+TRIM_AFTER_BYTES = 1 << 20
+
+
+@functools.cache
+def _libc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+def trim_memory() -> None:
+    """Give memory the allocator holds but no longer uses back to the system (glibc only)."""
+    trim = _libc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _too_large(limit: int):
