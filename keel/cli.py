@@ -20,8 +20,28 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="quantize the linear projections' weights as they load (int8, int4); gguf keeps a GGUF "
                         "file's Q4_0/Q4_1/Q8_0 blocks (the default for such files on CPU), none dequantizes them")
     p.add_argument("--weight-dtype", choices=["auto", "bfloat16", "model"], default="auto",
-                   help="float32 models on CPU: auto keeps weights the checkpoint stores in bfloat16 so (exact, "
-                        "half the memory), bfloat16 rounds all dense weights to it, model keeps the model dtype")
+                   help="float32 models on CPU: 'auto' keeps the weights a checkpoint stores in bfloat16 in "
+                        "bfloat16 (exact, half the memory); 'bfloat16' rounds every dense weight to bfloat16; "
+                        "'model' keeps every weight in the model's dtype")
+
+
+class _Help(argparse.HelpFormatter):
+    """Shows each option's default, unless it is empty or the help already says it."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        d = action.default
+        if "default" in text or d in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: {', '.join(map(str, d)) if isinstance(d, list) else d})"
+
+
+def _log_args(p: argparse.ArgumentParser, default) -> None:
+    """--log-level and --quiet, accepted before or after the subcommand."""
+    p.add_argument("--log-level", default=default, type=str.upper,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                   help="what to log (default: INFO for serve, with one line per request; WARNING otherwise)")
+    p.add_argument("--quiet", "-q", action="store_true", default=default, help="log warnings and errors only")
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -44,13 +64,34 @@ def _params(args):
 
 def cmd_generate(args) -> int:
     llm = _llm(args)
-    params = _params(args)
-    if args.raw:
-        out = llm.generate([args.prompt], params)[0]
-    else:
-        out = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
-    print(out.outputs[0].text)
+    tok = llm.tokenizer
+    ids = tok.encode(args.prompt) if args.raw else tok.encode_chat([{"role": "user", "content": args.prompt}])
+    try:
+        _stream(llm.engine, ids, _params(args))
+    except KeyboardInterrupt:
+        print()
+        return 130
+    print()
     return 0
+
+
+def _stream(engine, ids: list[int], params) -> str:
+    """Generate for one prompt, printing text as it comes; returns the whole text. Ctrl-C aborts the
+    request (and is raised again)."""
+    rid = engine.new_request_id()
+    engine.add_request(rid, ids, params)
+    text = ""
+    try:
+        done = False
+        while not done:
+            for out in engine.step():
+                if out.request_id == rid:
+                    print(out.outputs[0].delta_text, end="", flush=True)
+                    text, done = out.outputs[0].text, out.finished
+    except BaseException:
+        engine.abort_request(rid)
+        raise
+    return text
 
 
 def cmd_chat(args) -> int:
@@ -75,19 +116,12 @@ def cmd_chat(args) -> int:
         if not line:
             continue
         history.append({"role": "user", "content": line})
-        ids = tok.encode(tok.apply_chat_template(history), add_special_tokens=False)
-        rid = engine.new_request_id()
+        ids = tok.encode_chat(history)
         reply = ""
         try:
-            engine.add_request(rid, ids, params)
-            done = False
-            while not done:
-                for out in engine.step():
-                    if out.request_id == rid:
-                        print(out.outputs[0].delta_text, end="", flush=True)
-                        reply, done = out.outputs[0].text, out.finished
+            reply = _stream(engine, ids, params)
         except KeyboardInterrupt:
-            engine.abort_request(rid)
+            pass
         except KeelError as e:
             print(f"error: {e}")
             history.pop()
@@ -128,6 +162,7 @@ def cmd_serve(args) -> int:
     from keel.server.adapters import LoRAPolicy
     from keel.server.limits import ServerLimits, uvicorn_settings
 
+    sock = _bind(args.host, args.port)  # a port in use fails now, before any weight is read
     lora = None
     if args.enable_lora or args.lora or args.lora_dir:
         lora = LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
@@ -177,8 +212,34 @@ def cmd_serve(args) -> int:
     if embedder is not None:
         print(f"keel: embeddings from {embedder.name}", file=sys.stderr, flush=True)
     print(f"keel: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), **uvicorn_settings(limits))
+    _run_uvicorn(uvicorn.Config(app, log_level=args.log_level.lower(), **uvicorn_settings(limits)), sock)
     return 0
+
+
+def _bind(host: str, port: int):
+    """A listening socket on host:port, or a KeelError saying why not (the port is in use, say)."""
+    import socket
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise KeelError(f"--host {host}: cannot resolve it ({e})") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        hint = " (another server is using it: pick another with --port)" if e.errno in (98, 48, 10048) else ""
+        raise KeelError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _run_uvicorn(config, sock) -> None:
+    import uvicorn
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 def _api_key(args) -> str | None:
@@ -196,11 +257,15 @@ def _api_key(args) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="keel", description="Run open LLMs on your own machines.")
-    parser.add_argument("--log-level", default="WARNING")
+    import keel
+    parser = argparse.ArgumentParser(prog="keel", description="Run open LLMs on your own machines.",
+                                     formatter_class=_Help)
+    parser.add_argument("--version", action="version", version=f"keel {keel.__version__}")
+    _log_args(parser, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="answer one prompt and exit")
-    g.add_argument("prompt", help="the prompt (sent through the chat template unless --raw)")
+    g = sub.add_parser("generate", help="answer one prompt and exit", usage="keel generate [options] [MODEL] PROMPT")
+    g.add_argument("words", nargs="+", metavar="[MODEL] PROMPT",
+                   help="the prompt (sent through the chat template unless --raw), after the model if given")
     g.add_argument("--raw", action="store_true", help="complete the prompt text as is, without the chat template")
     _engine_args(g)
     g.set_defaults(func=cmd_generate)
@@ -213,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("model_pos", nargs="?", metavar="MODEL", help="same as --model")
     _model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--served-model-name", default=None,
                    help="the model name clients send (default: the model folder or file name)")
     s.add_argument("--api-key", default=None,
@@ -261,10 +326,25 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=cmd_serve)
     from keel.quant.cli import add_quantize_parser
     add_quantize_parser(sub)
+    for p in (g, c, s):
+        p.formatter_class = _Help
+        _log_args(p, argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if getattr(args, "model_pos", None):
         args.model = args.model_pos
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "generate":
+        if len(args.words) > 2:
+            parser.error("generate takes [MODEL] PROMPT: quote a prompt of several words")
+        if len(args.words) == 2:
+            if args.model is not None:
+                parser.error("generate: give the model once, as MODEL or --model")
+            args.model = args.words[0]
+        args.prompt = args.words[-1]
+    level = getattr(args, "log_level", None) or ("INFO" if args.command == "serve" else "WARNING")
+    if getattr(args, "quiet", False):
+        level = "WARNING"
+    args.log_level = level
+    logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except KeelError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -36,6 +37,27 @@ def default_model_path() -> str:
     return path
 
 
+def looks_local(model: str) -> bool:
+    """True when `model` can only mean a local path: it names a .gguf file, starts like a path, has
+    other than one slash, or its first part exists here (models/typo when ./models exists). Such a
+    name is never sent to the hub as a repo id."""
+    first = model.split("/", 1)[0]
+    return (model.endswith(".gguf") or model.startswith((".", "/", "~")) or model.count("/") != 1
+            or "\\" in model or (bool(first) and os.path.exists(first)))
+
+
+def gguf_served_name(path: str) -> str:
+    """The name a GGUF file is served under: its file name without .gguf and without a trailing
+    quantization tag (SmolLM2-135M-Instruct.Q4_1.gguf -> SmolLM2-135M-Instruct), so the same model
+    keeps its name whichever quantization is served. (general.name in the metadata is often a
+    generated title, 'Smollm2 135M 8k Lc100K Mix1 Ep2' in the built-in file, so it is not used.)"""
+    stem = os.path.basename(path)[: -len(".gguf")] if path.endswith(".gguf") else os.path.basename(path)
+    return _QUANT_TAG.sub("", stem) or stem
+
+
+_QUANT_TAG = re.compile(r"[.-](?:i?q\d[\w]*|f16|f32|bf16|fp16|fp32)$", re.IGNORECASE)
+
+
 def resolve_model(model: str | None) -> str:
     """A local path for `model`: the built-in default for None, a folder or .gguf file as is,
     anything else shaped like 'org/name' downloaded from the Hugging Face hub."""
@@ -43,7 +65,7 @@ def resolve_model(model: str | None) -> str:
         return default_model_path()
     if os.path.exists(model):
         return model
-    if model.endswith(".gguf") or model.startswith((".", "/", "~")) or model.count("/") != 1:
+    if looks_local(model):
         raise ModelLoadError(f"model path {model!r} does not exist")
     try:
         from huggingface_hub import snapshot_download
@@ -109,8 +131,7 @@ def _open_gguf(path: str) -> Checkpoint:
     config.eos_token_ids = list(g.eos_token_ids) or config.eos_token_ids
     tokenizer = Tokenizer(g.tokenizer, chat_template=g.chat_template, bos_token=g.bos_token,
                           eos_token=g.eos_token, eos_token_ids=list(g.eos_token_ids))
-    name = os.path.basename(path)[: -len(".gguf")]
-    return Checkpoint(config, tokenizer, g.tensors, [path], name,
+    return Checkpoint(config, tokenizer, g.tensors, [path], gguf_served_name(path),
                       block_tensors=lambda keep: g.tensors(keep_blocks=keep), tensor_types=g.tensor_types())
 
 

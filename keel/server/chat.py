@@ -13,7 +13,8 @@ from starlette.concurrency import run_in_threadpool
 from keel.engine.guided import StructuredOutputError
 from keel.outputs import CompletionOutput, Logprob
 from keel.server.app import get_state, now, read_body
-from keel.server.errors import from_exception
+from keel.server.errors import context_length_exceeded, from_exception
+from keel.tokenizer import PromptTooLongError
 from keel.server.protocol import ChatCompletionRequest, RequestError
 from keel.server.streaming import STREAM_HEADERS, Fanin, safe_logprob, sse_stream, start, unless_disconnected
 from keel.server.tools import OPEN, ToolCallStream, call_grammar, parse_tool_calls, prepare_messages, supports_tools
@@ -21,10 +22,10 @@ from keel.server.tools import OPEN, ToolCallStream, call_grammar, parse_tool_cal
 router = APIRouter()
 
 
-def render_prompt(tokenizer, body: ChatCompletionRequest) -> list[int]:
+def render_prompt(tokenizer, body: ChatCompletionRequest, max_len: int | None = None) -> list[int]:
     tools = body.tool_dicts if body.tool_mode != "none" else None
     messages, tools = prepare_messages([m.for_template() for m in body.messages], tools, supports_tools(tokenizer))
-    return tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools)
+    return tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools, max_len=max_len)
 
 
 def tool_params(engine, body: ChatCompletionRequest, params) -> set[str]:
@@ -82,7 +83,11 @@ async def create_chat_completion(request: Request):
 
 def _prepare(state, body: ChatCompletionRequest):
     """The prompt's token ids, the sampling parameters and the names of the callable tools."""
-    prompt_ids = render_prompt(state.engine.tokenizer, body)
+    limit = state.engine.max_model_len
+    try:
+        prompt_ids = render_prompt(state.engine.tokenizer, body, max_len=limit)
+    except PromptTooLongError as e:
+        raise context_length_exceeded(limit, e.num_tokens, body.requested_max_tokens, "messages") from None
     max_tokens = state.max_tokens_for(len(prompt_ids), body.requested_max_tokens, "messages")
     params = body.sampling_params(max_tokens, body.num_logprobs)
     names = tool_params(state.engine, body, params)

@@ -17,7 +17,8 @@ from starlette.concurrency import run_in_threadpool
 from keel.outputs import CompletionOutput, RequestOutput
 from keel.server.app import get_state, now, read_body
 from keel.server.chat import finish_reason, visible_logprobs
-from keel.server.errors import from_exception
+from keel.server.errors import context_length_exceeded, from_exception
+from keel.tokenizer import PromptTooLongError
 from keel.server.protocol import CompletionRequest
 from keel.server.streaming import STREAM_HEADERS, Fanin, safe_logprob, sse_stream, start, unless_disconnected
 
@@ -98,8 +99,11 @@ async def create_completion(request: Request):
 def _prepare(state, body: CompletionRequest, prompts: list) -> tuple[list[list[int]], list]:
     """Token ids and sampling parameters per prompt. Tokenized here (as the engine would) so that the
     context check and usage see the same ids; on a worker thread, as a long prompt takes seconds."""
-    tok = state.engine.tokenizer
-    ids = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    tok, limit = state.engine.tokenizer, state.engine.max_model_len
+    try:
+        ids = [tok.encode(p, max_len=limit) if isinstance(p, str) else list(p) for p in prompts]
+    except PromptTooLongError as e:
+        raise context_length_exceeded(limit, e.num_tokens, body.max_tokens, "prompt") from None
     params = [body.sampling_params(state.max_tokens_for(len(p), body.max_tokens, "prompt"), body.logprobs)
               for p in ids]
     return ids, params

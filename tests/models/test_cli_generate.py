@@ -18,3 +18,36 @@ def test_generate_raw_dense_and_int8(tmp_path, capsys):
 def test_generate_reports_a_missing_model_as_an_error(tmp_path, capsys):
     assert main(["generate", "hi", "--model", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_generate_takes_the_model_first_like_chat_and_serve(tmp_path, capsys):
+    folder = str(tmp_path / "m")
+    make_checkpoint(folder, "llama-gqa")
+    common = ["--raw", "--max-tokens", "4", "--dtype", "float32"]
+    assert main(["generate", folder, "t5 t6 t7", *common]) == 0
+    positional = capsys.readouterr().out
+    assert main(["generate", "t5 t6 t7", "--model", folder, *common]) == 0
+    assert capsys.readouterr().out == positional and len(positional.split()) == 4
+
+
+def test_generate_streams_each_piece_as_it_comes(tmp_path, monkeypatch):
+    """Text is printed (and flushed) once per step, not once at the end."""
+    import builtins
+    folder = str(tmp_path / "m")
+    make_checkpoint(folder, "llama-gqa")
+    pieces = []
+    real_print = builtins.print
+    monkeypatch.setattr(builtins, "print", lambda *a, **k: pieces.append((a, k)) or real_print(*a, **k))
+    assert main(["generate", folder, "t5 t6", "--raw", "--max-tokens", "6", "--dtype", "float32"]) == 0
+    flushed = [a for a, k in pieces if k.get("flush") and a and a[0]]
+    assert len(flushed) == 6
+
+
+def test_version_and_log_level_after_the_subcommand(capsys):
+    import keel
+    import pytest
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"keel {keel.__version__}"
+    assert main(["generate", "hi", "--model", "/no/such/model", "--log-level", "debug"]) == 2
+    assert main(["--log-level", "INFO", "generate", "hi", "--model", "/no/such/model", "-q"]) == 2

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
-import uvicorn
+import socket
+import subprocess
+import sys
+import time
 
+import keel.cli
 from keel.cli import main
 from tests.server.conftest import MODEL
 
 
 def serve(monkeypatch, *argv) -> dict:
     ran = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
+
+    def run(config, sock):
+        host, port = sock.getsockname()[:2]
+        sock.close()
+        ran.update(app=config.app, host=host, port=port, http=config.http,
+                   limit_concurrency=config.limit_concurrency, log_level=config.log_level)
+    monkeypatch.setattr(keel.cli, "_run_uvicorn", run)
+    if "--port" not in argv:
+        argv = (*argv, "--port", "0")  # whatever is free: 8000 may be taken on this machine
     assert main(["serve", *argv]) == 0
     ran["state"] = ran["app"].state.keel
     ran["state"].aeng.shutdown()
@@ -19,18 +31,40 @@ def serve(monkeypatch, *argv) -> dict:
 
 def test_serve_arguments(tiny_ckpt, monkeypatch):
     monkeypatch.setenv("KEEL_API_KEY", "from-env")
-    ran = serve(monkeypatch, tiny_ckpt, "--port", "8123", "--max-num-seqs", "3", "--max-waiting", "5",
+    ran = serve(monkeypatch, tiny_ckpt, "--port", str(free_port()), "--max-num-seqs", "3", "--max-waiting", "5",
                 "--max-model-len", "128", "--dtype", "float32")
     state = ran["state"]
-    assert (ran["host"], ran["port"]) == ("127.0.0.1", 8123)
+    assert ran["host"] == "127.0.0.1" and ran["log_level"] == "info"  # serve logs requests by default
     assert state.served_model_name == MODEL  # the folder's name
     assert state.api_key == "from-env"
     assert state.aeng.max_waiting == 5 and state.engine.scheduler_config.max_num_seqs == 3
     assert state.engine.max_model_len == 128
 
     monkeypatch.delenv("KEEL_API_KEY")
-    state = serve(monkeypatch, "--model", tiny_ckpt, "--served-model-name", "my-model", "--host", "0.0.0.0")["state"]
+    state = serve(monkeypatch, "--model", tiny_ckpt, "--served-model-name", "my-model", "--host", "0.0.0.0",
+                  "--port", "0")["state"]
     assert state.served_model_name == "my-model" and state.api_key is None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_port_in_use_fails_before_the_model_loads(tmp_path):
+    """Through a real process: within seconds, with the reason, and without reading any weight (the
+    model named here does not even exist, which would otherwise be the error)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        start = time.monotonic()
+        p = subprocess.run([sys.executable, "-m", "keel.cli", "serve", str(tmp_path / "no-model"), "--port", str(port)],
+                           capture_output=True, text=True, timeout=60)
+        took = time.monotonic() - start
+    assert p.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in p.stderr and "--port" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and took < 15
 
 
 def test_serve_bad_model_is_a_clean_error(capsys):

@@ -46,3 +46,28 @@ def test_hub_failure_is_a_load_error(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", boom)
     with pytest.raises(ModelLoadError, match="network unreachable"):
         loader.resolve_model("org/model")
+
+
+def test_a_name_whose_first_part_exists_here_is_a_path(tmp_path, monkeypatch):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("tried the hub"))
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for name in ("models/typo", "org\\name"):
+        with pytest.raises(ModelLoadError, match="does not exist"):
+            loader.resolve_model(name)
+    assert not loader.looks_local("Qwen/Qwen2.5-0.5B-Instruct")
+
+
+@pytest.mark.parametrize("file, name", [
+    ("SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+    ("/m/Llama-3-8B-Instruct-Q4_K_M.gguf", "Llama-3-8B-Instruct"),
+    ("qwen2.5-0.5b-instruct-fp16.gguf", "qwen2.5-0.5b-instruct"),
+    ("tiny-IQ3_XS.gguf", "tiny"), ("model.gguf", "model"), ("Q4.gguf", "Q4"),
+])
+def test_a_gguf_is_served_under_its_name_without_the_quantization_tag(file, name):
+    assert loader.gguf_served_name(file) == name
+
+
+def test_the_builtin_gguf_by_path_keeps_the_readme_name():
+    assert loader.open_checkpoint(loader.resolve_model(None)).name == "SmolLM2-135M-Instruct"

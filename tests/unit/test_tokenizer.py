@@ -275,3 +275,20 @@ def test_truncation_and_padding_in_tokenizer_json_are_ignored(tiny_tokenizer_dir
     tok = Tokenizer.from_folder(tiny_tokenizer_dir)
     text = "The quick brown fox jumps over the lazy dog."
     assert tok.decode(tok.encode(text)) == text
+
+
+def test_max_len_refuses_long_text_with_its_count(tok):
+    from keel.tokenizer import PromptTooLongError
+    text = "hello world " * 50
+    ids = tok.encode(text)
+    assert tok.encode(text, max_len=len(ids)) == ids
+    with pytest.raises(PromptTooLongError) as e:
+        tok.encode(text, max_len=len(ids) - 1)
+    assert e.value.num_tokens >= len(ids) - 1
+
+
+def test_encode_matches_the_tokenizers_own_encode(tok):
+    """keel encodes through encode_batch_fast (it releases the GIL): the same ids as encode."""
+    for text in ["hello world", "Ünïcödé — 日本語 🚀", "  spaces  and\nnewlines\t", "<|im_start|>user"]:
+        for special in (True, False):
+            assert tok._encode_ids(text, special) == tok._tok.encode(text, add_special_tokens=special).ids
