@@ -208,7 +208,8 @@ def cmd_serve(args) -> int:
     app = create_app(engine, served_model_name=name, api_key=api_key, max_waiting=args.max_waiting,
                      allow_lora_updates=not args.no_lora_updates, embedding_model=embedder,
                      engine_threads=engine_threads, limits=limits, enable_docs=args.enable_docs,
-                     lora_policy=LoRAPolicy(roots=roots, show_paths=args.show_lora_paths))
+                     lora_policy=LoRAPolicy(roots=roots, show_paths=args.show_lora_paths),
+                     default_max_tokens=args.default_max_tokens or None)
     if embedder is not None:
         print(f"keel: embeddings from {embedder.name}", file=sys.stderr, flush=True)
     print(f"keel: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
@@ -288,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--enable-docs", action="store_true",
                    help="serve /docs, /redoc and /openapi.json (open, without the API key); off by default")
     s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences running in one batch")
+    s.add_argument("--default-max-tokens", type=int, default=1024,
+                   help="completion tokens for a request that sets no max_tokens (0: the rest of the context, "
+                        "as OpenAI's API)")
     s.add_argument("--max-waiting", type=int, default=256,
                    help="most requests waiting for a batch slot; beyond it requests get 429 with Retry-After")
     li = s.add_argument_group("limits per client (past one: a 4xx in OpenAI's error shape)")

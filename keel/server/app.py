@@ -33,6 +33,10 @@ from keel.server.limits import BodyGuard, ServerLimits
 from keel.server.metrics import Metrics
 
 DEFAULT_MAX_WAITING = 256
+# Completion tokens for a request that sets no max_tokens. OpenAI's API would allow the whole rest of
+# the context, which for a small model sampling at temperature 1 is minutes of rambling before the
+# client sees anything (and the openai client times out after 600 s and silently retries).
+DEFAULT_MAX_TOKENS = 1024
 # Bodies larger than this are parsed and validated on a worker thread, so the event loop keeps serving.
 OFFLOAD_BODY_BYTES = 256 * 1024
 
@@ -50,6 +54,7 @@ class ServerState:
     embeddings: EmbeddingService | None = None
     limits: ServerLimits = field(default_factory=ServerLimits)
     lora_policy: LoRAPolicy = field(default_factory=LoRAPolicy)
+    default_max_tokens: int | None = DEFAULT_MAX_TOKENS  # None: the rest of the context
     _adapter_fps: dict[str, str] = field(default_factory=dict)
 
     def served_names(self) -> set[str]:
@@ -84,12 +89,14 @@ class ServerState:
 
     def max_tokens_for(self, prompt_len: int, requested: int | None, where: str) -> int:
         """The completion budget, or a context_length_exceeded error. Unlike the engine, which would
-        quietly shorten max_tokens to fit, the API refuses a request that cannot get what it asked."""
+        quietly shorten max_tokens to fit, the API refuses a request that cannot get what it asked.
+        Without max_tokens: default_max_tokens, or what is left of the context if that is less."""
         limit = self.engine.max_model_len
         if requested is None:
             if prompt_len >= limit:
                 raise context_length_exceeded(limit, prompt_len, None, where)
-            return limit - prompt_len
+            room = limit - prompt_len
+            return room if self.default_max_tokens is None else min(room, self.default_max_tokens)
         if prompt_len + requested > limit:
             raise context_length_exceeded(limit, prompt_len, requested, where)
         return requested
@@ -144,20 +151,23 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
                max_waiting: int = DEFAULT_MAX_WAITING, allow_lora_updates: bool = True,
                embedding_model: EmbeddingModel | None = None, engine_threads: int | None = None,
                limits: ServerLimits | None = None, lora_policy: LoRAPolicy | None = None,
-               enable_docs: bool = False) -> FastAPI:
+               enable_docs: bool = False, default_max_tokens: int | None = DEFAULT_MAX_TOKENS) -> FastAPI:
     """embedding_model: served by POST /v1/embeddings under its own name (None: no embeddings).
     allow_lora_updates: POST /v1/load_lora_adapter and /v1/unload_lora_adapter work (when the
     engine serves LoRA adapters); lora_policy says from which folders (by default none: see LoRAPolicy).
     engine_threads: torch's thread count, set from the engine thread (see AsyncEngine).
     limits: request size, time and count limits (keel.server.limits).
     enable_docs: serve /docs, /redoc and /openapi.json (open, like /health: they describe the API and
-    hold no data); off by default, so an exposed server does not advertise every route."""
+    hold no data); off by default, so an exposed server does not advertise every route.
+    default_max_tokens: completion tokens for requests that give no max_tokens (None: the rest of the
+    context, as OpenAI's API)."""
     from keel.server import adapters, chat, completions, embeddings  # these import this module
 
     aeng = AsyncEngine(engine, max_waiting=max_waiting, num_threads=engine_threads)
     state = ServerState(engine, aeng, served_model_name, api_key or None, system_fingerprint(engine),
                         created_time(engine), allow_lora_updates=allow_lora_updates,
-                        limits=limits or ServerLimits(), lora_policy=lora_policy or LoRAPolicy())
+                        limits=limits or ServerLimits(), lora_policy=lora_policy or LoRAPolicy(),
+                        default_max_tokens=default_max_tokens)
     if embedding_model is not None:
         if embedding_model.name == served_model_name:
             raise ValueError(f"the embedding model and the chat model are both named {served_model_name!r}")

@@ -14,7 +14,8 @@ import pytest
 
 from keel.quant import QuantConfig
 from keel.server.fingerprint import system_fingerprint
-from tests.server.conftest import MODEL, chat_body, sse_events
+from keel.server import create_app
+from tests.server.conftest import MODEL, LiveServer, chat_body, sse_events, tiny_engine
 
 MESSAGES = [{"role": "system", "content": "t20 t21"}, {"role": "user", "content": "t10 t11 t12"}]
 GREEDY = dict(temperature=0, max_tokens=12, extra_body={"ignore_eos": True})
@@ -249,3 +250,16 @@ def test_metrics(server, client):
         text = http.get("/metrics").text
     assert "# TYPE keel_time_to_first_token_seconds histogram" in text
     assert "# TYPE keel_prompt_tokens_total counter" in text
+
+
+@pytest.mark.parametrize("default, expected", [(5, 5), (None, "context")])
+def test_requests_without_max_tokens_get_the_server_default(tiny_ckpt, default, expected):
+    app = create_app(tiny_engine(tiny_ckpt), served_model_name=MODEL, default_max_tokens=default)
+    with LiveServer(app) as s, s.http() as h:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "t10 t11"}], "ignore_eos": True}
+        r = h.post("/v1/chat/completions", json=body).json()
+        prompt = r["usage"]["prompt_tokens"]
+        want = s.state.engine.max_model_len - prompt if expected == "context" else expected
+        assert r["usage"]["completion_tokens"] == want and r["choices"][0]["finish_reason"] == "length"
+        r = h.post("/v1/completions", json={"model": MODEL, "prompt": "t10", "ignore_eos": True}).json()
+        assert r["usage"]["completion_tokens"] == 16  # completions' own default, as OpenAI's
