@@ -213,7 +213,14 @@ def cmd_serve(args) -> int:
     if embedder is not None:
         print(f"keel: embeddings from {embedder.name}", file=sys.stderr, flush=True)
     print(f"keel: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    _run_uvicorn(uvicorn.Config(app, log_level=args.log_level.lower(), **uvicorn_settings(limits)), sock)
+    config = uvicorn.Config(app, log_level=args.log_level.lower(), timeout_graceful_shutdown=args.shutdown_timeout,
+                            **uvicorn_settings(limits))
+    try:
+        _run_uvicorn(config, sock)
+    finally:  # also after a second Ctrl-C, when uvicorn skips the app's own shutdown
+        app.state.keel.aeng.shutdown()
+        if app.state.keel.embeddings is not None:
+            app.state.keel.embeddings.shutdown()
     return 0
 
 
@@ -239,7 +246,16 @@ def _bind(host: str, port: int):
 
 
 def _run_uvicorn(config, sock) -> None:
+    """Serve until SIGINT or SIGTERM. The first stops accepting connections and lets requests in flight
+    finish for --shutdown-timeout seconds (then cancels them: their engine requests are aborted); a
+    second Ctrl-C stops at once. uvicorn re-raises the signals it caught once it is done, which would
+    end the process with a KeyboardInterrupt traceback or a SIGTERM death; ignoring them from here on
+    makes the exit a clean 0."""
+    import signal
+
     import uvicorn
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)  # what uvicorn restores, and re-raises into, when it is done
     uvicorn.Server(config).run(sockets=[sock])
 
 
@@ -289,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--enable-docs", action="store_true",
                    help="serve /docs, /redoc and /openapi.json (open, without the API key); off by default")
     s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences running in one batch")
+    s.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds requests in flight may take to finish after Ctrl-C or SIGTERM (then they are "
+                        "cancelled); a second Ctrl-C stops at once")
     s.add_argument("--default-max-tokens", type=int, default=1024,
                    help="completion tokens for a request that sets no max_tokens (0: the rest of the context, "
                         "as OpenAI's API)")
@@ -354,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeelError as e:
         print(f"keel: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while loading, say: no traceback
+        print("keel: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

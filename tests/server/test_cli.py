@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
 import time
+
+import httpx
+import pytest
 
 import keel.cli
 from keel.cli import main
@@ -113,3 +117,60 @@ def test_serve_refuses_bad_security_settings(tiny_ckpt, tmp_path, capsys):
     assert main(["serve", tiny_ckpt, "--lora", f"{MODEL}={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "is empty" in err and "cannot read it" in err and "max_request_bytes" in err and "served model" in err
+
+
+def _start(tiny_ckpt, *extra):
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-m", "keel.cli", "serve", tiny_ckpt, "--port", str(port), "--dtype",
+                          "float32", "--no-embedding-model", *extra], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return p, port
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    p.kill()
+    raise AssertionError(p.communicate()[1])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_one_signal_with_a_request_streaming_exits_cleanly(tiny_ckpt, sig):
+    """The first Ctrl-C (or SIGTERM) stops new connections and lets the stream in flight finish (within
+    --shutdown-timeout), then the process exits 0 with no traceback and no abort from a thread left
+    running."""
+    p, port = _start(tiny_ckpt, "--shutdown-timeout", "10")
+    try:
+        _stream_then_signal(p, port, sig)
+    finally:
+        p.kill()
+
+
+def _stream_then_signal(p, port: int, sig) -> None:
+    body = {"model": MODEL, "prompt": "t5 t6", "max_tokens": 200, "ignore_eos": True, "stream": True, "n": 8}
+    events, sent = [], None
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+            if len(events) == 3:
+                sent = time.monotonic()
+                p.send_signal(sig)
+    assert sent is not None and events[-1] == "[DONE]"  # finished, not cut off
+    assert sum('"finish_reason":"length"' in e for e in events) == 8
+    rc = p.wait(timeout=30)
+    err = p.stderr.read()
+    assert rc == 0, err
+    assert "Traceback" not in err and "terminate called" not in err and "Aborted" not in err, err
+    assert time.monotonic() - sent < 10 + 10
+
+
+def test_idle_server_stops_on_sigterm(tiny_ckpt):
+    p, _ = _start(tiny_ckpt)
+    try:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 0
+        assert "Traceback" not in p.stderr.read()
+    finally:
+        p.kill()
