@@ -8,6 +8,7 @@ import os
 import sys
 
 from keel.errors import KeelError
+from keel.quant.cli import add_quantization_args, quantization_from_args
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -16,9 +17,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="auto (default: bfloat16 on GPUs and on CPUs with bf16 instructions, else float32), float32, bfloat16, float16")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt plus output, in tokens")
-    p.add_argument("--quantize", choices=["int8", "int4", "gguf", "none"], default=None,
-                   help="quantize the linear projections' weights as they load (int8, int4); gguf keeps a GGUF "
-                        "file's Q4_0/Q4_1/Q8_0 blocks (the default for such files on CPU), none dequantizes them")
+    add_quantization_args(p)
     p.add_argument("--weight-dtype", choices=["auto", "bfloat16", "model"], default="auto",
                    help="float32 models on CPU: 'auto' keeps the weights a checkpoint stores in bfloat16 in "
                         "bfloat16 (exact, half the memory); 'bfloat16' rounds every dense weight to bfloat16; "
@@ -54,7 +53,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 def _llm(args):
     from keel import LLM
     return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-               quantization=args.quantize, weight_dtype=args.weight_dtype)
+               quantization=quantization_from_args(args), weight_dtype=args.weight_dtype)
 
 
 def _params(args):
@@ -184,7 +183,7 @@ def cmd_serve(args) -> int:
         engine_threads = torch.get_num_threads()
         torch.set_num_threads(1)
     engine = LLMEngine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                       quantization=args.quantize, lora=lora, weight_dtype=args.weight_dtype,
+                       quantization=quantization_from_args(args), lora=lora, weight_dtype=args.weight_dtype,
                        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs))
     name = args.served_model_name
     if not name:

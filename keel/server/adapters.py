@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict
 
 from keel.errors import LoRAError, LoRANotFoundError
 from keel.lora.adapter import check_adapter_name
+from keel.server.body import documented
 from keel.server.errors import APIError, shown
 from keel.server.fingerprint import digest_file
 
@@ -116,7 +117,7 @@ def _state(request: Request):
     return request.app.state.keel
 
 
-@router.post("/load_lora_adapter")
+@router.post("/load_lora_adapter", openapi_extra=documented(LoadLoRARequest))
 async def load_lora_adapter(request: Request):
     from keel.server.app import read_body
     body = await read_body(request, LoadLoRARequest)
@@ -152,7 +153,7 @@ async def load_lora_adapter(request: Request):
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
 
-@router.post("/unload_lora_adapter")
+@router.post("/unload_lora_adapter", openapi_extra=documented(UnloadLoRARequest))
 async def unload_lora_adapter(request: Request):
     from keel.server.app import read_body
     body = await read_body(request, UnloadLoRARequest)

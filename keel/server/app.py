@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -23,7 +23,7 @@ from keel.engine.llm_engine import LLMEngine
 from keel.outputs import RequestOutput
 from keel.sampling_params import SamplingParams
 from keel.embed import EmbeddingModel
-from keel.server import errors
+from keel.server import errors, pages
 from keel.server.embeddings import EmbeddingService
 from keel.server.adapters import LoRAPolicy, adapter_cards, adapter_fingerprint
 from keel.server.body import parse_json
@@ -180,8 +180,9 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
         if state.embeddings is not None:
             state.embeddings.shutdown()
 
-    docs = {} if enable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    app = FastAPI(title="keel", version=keel.__version__, lifespan=lifespan, debug=False, **docs)
+    # FastAPI's own /docs and /redoc load their scripts from a CDN (blank offline): keel serves its own
+    app = FastAPI(title="keel", version=keel.__version__, lifespan=lifespan, debug=False, docs_url=None,
+                  redoc_url=None, openapi_url="/openapi.json" if enable_docs else None)
     app.state.keel = state
     errors.install(app)
     app.add_middleware(BodyGuard, limits=state.limits)  # outermost: no handler sees an unchecked body
@@ -217,6 +218,17 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
         if s.aeng.dead is not None:
             return JSONResponse({"status": "error", "detail": "the engine loop stopped"}, status_code=503)
         return {"status": "ok", "model": s.served_model_name}
+
+    @app.get("/", include_in_schema=False)
+    async def landing(request: Request):
+        s = get_state(request)
+        models = [s.served_model_name, *([s.embeddings.model.name] if s.embeddings else [])]
+        return HTMLResponse(pages.landing(keel.__version__, models, enable_docs, s.api_key is not None))
+
+    if enable_docs:
+        @app.get("/docs", include_in_schema=False)
+        async def docs(request: Request):
+            return HTMLResponse(pages.api_docs(request.app.openapi()))
 
     @app.get("/metrics")
     async def metrics(request: Request):

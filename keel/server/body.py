@@ -79,3 +79,9 @@ def depth_ok(data: Any, max_depth: int) -> bool:
                 return False
             stack.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict) else node))
     return True
+
+
+def documented(model) -> dict:
+    """`openapi_extra` for a route that reads its body by hand (see keel.server.app.read_body): the
+    request schema, so /openapi.json and /docs show it."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}

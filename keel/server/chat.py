@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from keel.engine.guided import StructuredOutputError
 from keel.outputs import CompletionOutput, Logprob
 from keel.server.app import get_state, now, read_body
+from keel.server.body import documented
 from keel.server.errors import context_length_exceeded, from_exception
 from keel.tokenizer import PromptTooLongError
 from keel.server.protocol import ChatCompletionRequest, RequestError
@@ -49,7 +50,7 @@ def tool_params(engine, body: ChatCompletionRequest, params) -> set[str]:
     return set() if mode == "none" else {t["function"]["name"] for t in tools}
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", openapi_extra=documented(ChatCompletionRequest))
 async def create_chat_completion(request: Request):
     arrival = time.monotonic()
     body = await read_body(request, ChatCompletionRequest)

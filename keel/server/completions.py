@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from keel.outputs import CompletionOutput, RequestOutput
 from keel.server.app import get_state, now, read_body
 from keel.server.chat import finish_reason, visible_logprobs
+from keel.server.body import documented
 from keel.server.errors import context_length_exceeded, from_exception
 from keel.tokenizer import PromptTooLongError
 from keel.server.protocol import CompletionRequest
@@ -63,7 +64,7 @@ class _Choice:
                 "top_logprobs": self.top_logprobs[start:], "text_offset": self.text_offset[start:]}
 
 
-@router.post("/completions")
+@router.post("/completions", openapi_extra=documented(CompletionRequest))
 async def create_completion(request: Request):
     arrival = time.monotonic()
     body = await read_body(request, CompletionRequest)

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse
 from pydantic import Field, StrictInt, StrictStr
 
 from keel.embed import EmbeddingModel
+from keel.server.body import documented
 from keel.server.errors import APIError, model_not_found
 from keel.server.protocol import _Strict
 from keel.server.streaming import unless_disconnected
@@ -115,7 +116,7 @@ def _encode(vec: torch.Tensor, fmt: str):
     return vec.tolist()
 
 
-@router.post("/embeddings")
+@router.post("/embeddings", openapi_extra=documented(EmbeddingRequest))
 async def create_embeddings(request: Request):
     from keel.server.app import get_state, read_body
     body = await read_body(request, EmbeddingRequest)

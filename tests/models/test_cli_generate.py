@@ -51,3 +51,22 @@ def test_version_and_log_level_after_the_subcommand(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"keel {keel.__version__}"
     assert main(["generate", "hi", "--model", "/no/such/model", "--log-level", "debug"]) == 2
     assert main(["--log-level", "INFO", "generate", "hi", "--model", "/no/such/model", "-q"]) == 2
+
+
+def test_quantize_group_size_reaches_the_engine(tmp_path, capsys, monkeypatch):
+    import keel.llm
+    folder = str(tmp_path / "m")
+    make_checkpoint(folder, "llama-gqa")
+    seen = {}
+    real = keel.llm.LLM
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return real(*a, **kw)
+    monkeypatch.setattr(keel.llm, "LLM", spy)
+    monkeypatch.setattr("keel.LLM", spy)
+    args = ["generate", folder, "t5", "--raw", "--max-tokens", "2", "--dtype", "float32", "--quantize", "int4"]
+    assert main(args + ["--quantize-group-size", "32"]) == 0
+    assert seen["quantization"].method == "int4" and seen["quantization"].group_size == 32
+    assert main(args + ["--quantize-group-size", "64"]) == 2  # the tiny model's 96-wide layer: refused
+    assert "group size 64 does not divide" in capsys.readouterr().err

@@ -196,15 +196,27 @@ def test_a_huge_model_name_is_not_echoed(http):
 
 
 # -- 7. what a key holder can learn -------------------------------------------------------------------
-@pytest.mark.parametrize("route", ["/openapi.json", "/docs", "/redoc"])
+@pytest.mark.parametrize("route", ["/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"])
 def test_api_pages_are_off_by_default(http, route):
     check_4xx(http.get(route), 404)
 
 
 def test_api_pages_can_be_turned_on(tiny_ckpt, tmp_path):
     with hostile_server(tiny_ckpt, tmp_path, enable_docs=True) as s, s.http() as h:
-        assert h.get("/openapi.json").json()["info"]["title"] == "keel"
-        assert h.get("/docs").status_code == 200
+        spec = h.get("/openapi.json").json()
+        assert spec["info"]["title"] == "keel"
+        body = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert "messages" in body["properties"] and "top_k" in body["properties"]
+        docs = h.get("/docs")
+        assert docs.status_code == 200 and "/v1/chat/completions" in docs.text and "top_k" in docs.text
+        assert "<script" not in docs.text and "http" not in docs.text.replace("/openapi.json", "")  # offline
+        check_4xx(h.get("/redoc"), 404)
+
+
+def test_landing_page(srv, http):
+    r = http.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert MODEL in r.text and "/v1/models" in r.text and "/metrics" in r.text and "/docs" not in r.text
 
 
 def test_401_names_the_scheme(tiny_ckpt, tmp_path):
