@@ -209,9 +209,7 @@ def cmd_serve(args) -> int:
                      engine_threads=engine_threads, limits=limits, enable_docs=args.enable_docs,
                      lora_policy=LoRAPolicy(roots=roots, show_paths=args.show_lora_paths),
                      default_max_tokens=args.default_max_tokens or None)
-    if embedder is not None:
-        print(f"keel: embeddings from {embedder.name}", file=sys.stderr, flush=True)
-    print(f"keel: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    print(_summary(engine, name, embedder, sock, args), file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level=args.log_level.lower(), timeout_graceful_shutdown=args.shutdown_timeout,
                             **uvicorn_settings(limits))
     try:
@@ -221,6 +219,31 @@ def cmd_serve(args) -> int:
         if app.state.keel.embeddings is not None:
             app.state.keel.embeddings.shutdown()
     return 0
+
+
+def _summary(engine, name: str, embedder, sock, args) -> str:
+    """What is being served, how, and where: printed once the socket is bound and the model loaded."""
+    import keel
+    from keel.kernels.cpu import kernels
+    host, port = sock.getsockname()[:2]
+    shown_host = f"[{host}]" if ":" in host else host
+    on_cpu = engine.device.type == "cpu"
+    kernel = ("keel's CPU kernels" if kernels() is not None else "PyTorch's operators") if on_cpu else "PyTorch"
+    quant = engine.quantization.describe() if engine.quantization else "none"
+    weights = engine.weight_bytes()["total"] / 1e6
+    tokens = engine.num_blocks * engine.cache_config.block_size
+    lines = [f"keel {keel.__version__}: serving {name}",
+             f"  model       {engine.model_path}",
+             f"  compute     {engine.device.type}, {str(engine.dtype).removeprefix('torch.')}, {kernel}",
+             f"  weights     {weights:.0f} MB, quantization: {quant}",
+             f"  KV cache    {tokens} tokens ({engine.num_blocks} blocks of {engine.cache_config.block_size}); "
+             f"context {engine.max_model_len}, up to {engine.scheduler_config.max_num_seqs} sequences at once"]
+    if engine.lora is not None:
+        lines.append(f"  adapters    {len(engine.list_loras())} registered, {engine.lora.config.max_loras} resident at once")
+    if embedder is not None:
+        lines.append(f"  embeddings  {embedder.name}")
+    lines.append(f"  listening   http://{shown_host}:{port}/v1 (Ctrl-C to stop)")
+    return "\n".join(lines)
 
 
 def _bind(host: str, port: int):

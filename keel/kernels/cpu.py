@@ -104,6 +104,7 @@ def _compile() -> str | None:
     out = os.path.join(_cache_dir(), f"keel_cpu-{tag}.so")
     if os.path.isfile(out):
         return out
+    log.info("compiling keel's CPU kernels (once; cached in %s)", _cache_dir())
     os.makedirs(_cache_dir(), exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
     os.close(fd)

@@ -225,5 +225,17 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_
         from keel.quant.convert import checkpoint_tensors, quantize_model
         quantize_model(model, quant, ckpt.tensor_types)
         tensors = checkpoint_tensors(model, ckpt, quant)
-    load_weights(model, tensors, headless)
+    load_weights(model, _progress(tensors, f"loading {ckpt.name}"), headless)
     return model.eval()
+
+
+def _progress(items, desc: str):
+    """A progress bar on a terminal (stderr), nothing in logs and pipes."""
+    import sys
+    if not sys.stderr.isatty():
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, unit=" tensors", leave=False)

@@ -33,12 +33,15 @@ def serve(monkeypatch, *argv) -> dict:
     return ran
 
 
-def test_serve_arguments(tiny_ckpt, monkeypatch):
+def test_serve_arguments(tiny_ckpt, monkeypatch, capsys):
     monkeypatch.setenv("KEEL_API_KEY", "from-env")
     ran = serve(monkeypatch, tiny_ckpt, "--port", str(free_port()), "--max-num-seqs", "3", "--max-waiting", "5",
                 "--max-model-len", "128", "--dtype", "float32")
     state = ran["state"]
     assert ran["host"] == "127.0.0.1" and ran["log_level"] == "info"  # serve logs requests by default
+    summary = capsys.readouterr().err
+    for part in (f"serving {MODEL}", "KV cache", "context 128", "float32", f"http://127.0.0.1:{ran['port']}/v1"):
+        assert part in summary, summary
     assert state.served_model_name == MODEL  # the folder's name
     assert state.api_key == "from-env"
     assert state.aeng.max_waiting == 5 and state.engine.scheduler_config.max_num_seqs == 3
