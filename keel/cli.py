@@ -208,7 +208,8 @@ def cmd_serve(args) -> int:
                      allow_lora_updates=not args.no_lora_updates, embedding_model=embedder,
                      engine_threads=engine_threads, limits=limits, enable_docs=args.enable_docs,
                      lora_policy=LoRAPolicy(roots=roots, show_paths=args.show_lora_paths),
-                     default_max_tokens=args.default_max_tokens or None)
+                     default_max_tokens=args.default_max_tokens or None,
+                     request_timeout_s=args.request_timeout or None)
     print(_summary(engine, name, embedder, sock, args), file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level=args.log_level.lower(), timeout_graceful_shutdown=args.shutdown_timeout,
                             **uvicorn_settings(limits))
@@ -327,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--enable-docs", action="store_true",
                    help="serve /docs, /redoc and /openapi.json (open, without the API key); off by default")
     s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences running in one batch")
+    s.add_argument("--request-timeout", type=float, default=0,
+                   help="seconds a request may generate; then it ends as if max_tokens were reached "
+                        "(finish_reason 'length'); 0: no limit")
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds requests in flight may take to finish after Ctrl-C or SIGTERM (then they are "
                         "cancelled); a second Ctrl-C stops at once")

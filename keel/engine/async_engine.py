@@ -117,6 +117,11 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    def expire(self, request_id: str) -> None:
+        """End a request as if it had reached max_tokens (a server-side time limit): its caller gets
+        the final output, finish_reason "length"."""
+        self._commands.put(("expire", request_id))
+
     def shutdown(self) -> None:
         self._commands.put(("stop",))
         self._thread.join(timeout=10)
@@ -130,6 +135,11 @@ class AsyncEngine:
             self.engine.abort_request(cmd[1])
             stream = self._streams.pop(cmd[1], None)
             del stream
+        elif kind == "expire":
+            out = self.engine.expire_request(cmd[1])
+            stream = self._streams.pop(cmd[1], None) if out is not None else None
+            if stream is not None:
+                self._deliver(stream, out)
         elif kind == "add":
             _, rid, prompt, params, adapter_id, stream, fut = cmd
             with self._lock:

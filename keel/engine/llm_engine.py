@@ -216,6 +216,18 @@ class LLMEngine:
         if group.adapter_id is not None:
             self.lora.release(group.adapter_id)
 
+    def expire_request(self, request_id: str) -> RequestOutput | None:
+        """End a request now with finish_reason "length" and return its final output (None: unknown)."""
+        group = self.groups.get(request_id)
+        if group is None:
+            return None
+        for i, child in enumerate(group.children):
+            if group.outputs[i].finish_reason is None:
+                self.scheduler.finish_request(child.request_id, "length")
+                group.outputs[i].finish_reason = "length"
+                group.detoks[i].finish()
+        return self._emit(group)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
 

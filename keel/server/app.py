@@ -55,6 +55,7 @@ class ServerState:
     limits: ServerLimits = field(default_factory=ServerLimits)
     lora_policy: LoRAPolicy = field(default_factory=LoRAPolicy)
     default_max_tokens: int | None = DEFAULT_MAX_TOKENS  # None: the rest of the context
+    request_timeout_s: float | None = None  # generation time limit per request (None: none)
     _adapter_fps: dict[str, str] = field(default_factory=dict)
 
     def served_names(self) -> set[str]:
@@ -103,11 +104,28 @@ class ServerState:
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  arrival: float, adapter: str | None = None) -> AsyncIterator[RequestOutput]:
-        return self.metrics.track(self.aeng.generate(request_id, prompt_ids, params, adapter=adapter), arrival)
+        source = self.aeng.generate(request_id, prompt_ids, params, adapter=adapter)
+        if self.request_timeout_s is not None:
+            source = _time_limited(source, self.aeng, request_id, arrival + self.request_timeout_s)
+        return self.metrics.track(source, arrival)
 
     def model_card(self) -> dict:
         return {"id": self.served_model_name, "object": "model", "created": self.created, "owned_by": "keel",
                 "root": self.served_model_name, "parent": None, "max_model_len": self.engine.max_model_len}
+
+
+async def _time_limited(source: AsyncIterator[RequestOutput], aeng: AsyncEngine, request_id: str,
+                        deadline: float) -> AsyncIterator[RequestOutput]:
+    """`source`, ended at `deadline` (time.monotonic) as if max_tokens had been reached."""
+    import asyncio
+    handle = asyncio.get_running_loop().call_at(
+        asyncio.get_running_loop().time() + max(0.0, deadline - time.monotonic()), aeng.expire, request_id)
+    try:
+        async for out in source:
+            yield out
+    finally:
+        handle.cancel()
+        await source.aclose()
 
 
 def get_state(request: Request) -> ServerState:
@@ -151,7 +169,8 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
                max_waiting: int = DEFAULT_MAX_WAITING, allow_lora_updates: bool = True,
                embedding_model: EmbeddingModel | None = None, engine_threads: int | None = None,
                limits: ServerLimits | None = None, lora_policy: LoRAPolicy | None = None,
-               enable_docs: bool = False, default_max_tokens: int | None = DEFAULT_MAX_TOKENS) -> FastAPI:
+               enable_docs: bool = False, default_max_tokens: int | None = DEFAULT_MAX_TOKENS,
+               request_timeout_s: float | None = None) -> FastAPI:
     """embedding_model: served by POST /v1/embeddings under its own name (None: no embeddings).
     allow_lora_updates: POST /v1/load_lora_adapter and /v1/unload_lora_adapter work (when the
     engine serves LoRA adapters); lora_policy says from which folders (by default none: see LoRAPolicy).
@@ -160,14 +179,16 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
     enable_docs: serve /docs, /redoc and /openapi.json (open, like /health: they describe the API and
     hold no data); off by default, so an exposed server does not advertise every route.
     default_max_tokens: completion tokens for requests that give no max_tokens (None: the rest of the
-    context, as OpenAI's API)."""
+    context, as OpenAI's API).
+    request_timeout_s: a request still generating this many seconds after it arrived is ended as if it
+    had reached max_tokens (finish_reason "length"); None: no limit."""
     from keel.server import adapters, chat, completions, embeddings  # these import this module
 
     aeng = AsyncEngine(engine, max_waiting=max_waiting, num_threads=engine_threads)
     state = ServerState(engine, aeng, served_model_name, api_key or None, system_fingerprint(engine),
                         created_time(engine), allow_lora_updates=allow_lora_updates,
                         limits=limits or ServerLimits(), lora_policy=lora_policy or LoRAPolicy(),
-                        default_max_tokens=default_max_tokens)
+                        default_max_tokens=default_max_tokens, request_timeout_s=request_timeout_s)
     if embedding_model is not None:
         if embedding_model.name == served_model_name:
             raise ValueError(f"the embedding model and the chat model are both named {served_model_name!r}")

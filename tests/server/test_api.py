@@ -263,3 +263,15 @@ def test_requests_without_max_tokens_get_the_server_default(tiny_ckpt, default, 
         assert r["usage"]["completion_tokens"] == want and r["choices"][0]["finish_reason"] == "length"
         r = h.post("/v1/completions", json={"model": MODEL, "prompt": "t10", "ignore_eos": True}).json()
         assert r["usage"]["completion_tokens"] == 16  # completions' own default, as OpenAI's
+
+
+def test_request_timeout_ends_generation_as_length(tiny_ckpt):
+    app = create_app(tiny_engine(tiny_ckpt), served_model_name=MODEL, request_timeout_s=0.001)
+    with LiveServer(app) as s, s.http() as h:
+        body = {"model": MODEL, "prompt": "t10", "max_tokens": 200, "ignore_eos": True}
+        r = h.post("/v1/completions", json=body).json()
+        assert r["choices"][0]["finish_reason"] == "length" and r["usage"]["completion_tokens"] < 200
+        r = h.post("/v1/completions", json={**body, "stream": True})
+        events = sse_events(r.text)
+        assert events[-1] == "[DONE]" and '"finish_reason":"length"' in events[-2]
+        s.wait_idle()
