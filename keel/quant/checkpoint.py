@@ -9,6 +9,7 @@ for bit. One weight is quantized at a time; a shard's worth of quantized tensors
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -29,9 +30,11 @@ _NOT_COPIED = ("model.safetensors.index.json", CONFIG_FILE)
 
 
 def quantize_checkpoint(model: str | None, out: str, cfg: QuantConfig,
-                        max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
+                        max_shard_bytes: int = MAX_SHARD_BYTES, keep_embeddings: bool = False) -> dict:
     """Quantize `model` (a folder, GGUF file, hub id or None for the built-in model) into folder `out`.
-    Returns a summary: the files written and the bytes of tensors."""
+    keep_embeddings: keep the embedding (and head) in full precision even where the source stored them
+    quantized (see _embeddings_as_in_source). Returns a summary: the files written, the bytes of
+    tensors, the config used and a note on the embeddings."""
     if model == DEFAULT_MODEL_NAME and not os.path.exists(model):
         model = None
     path = resolve_model(model)
@@ -42,6 +45,7 @@ def quantize_checkpoint(model: str | None, out: str, cfg: QuantConfig,
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise InvalidRequestError(f"{out} already exists and is not an empty folder; name a new folder")
     ckpt.config.check()
+    cfg, note = _embeddings_as_in_source(cfg, ckpt, keep_embeddings)
     # The model's structure says which tensors are projections; on the meta device it holds no memory.
     skeleton = model_class(ckpt.config.architecture)(ckpt.config, 1, torch.float32, torch.device("meta"))
     quantize_model(skeleton, cfg)
@@ -57,13 +61,38 @@ def quantize_checkpoint(model: str | None, out: str, cfg: QuantConfig,
         else:
             _write_gguf_side_files(path, partial)
         cfg.write(partial)
+        _normal_modes(partial)
         if os.path.isdir(out):
             os.rmdir(out)  # empty, checked above
         os.rename(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return {"files": files, "tensor_bytes": total, "source": path}
+    return {"files": files, "tensor_bytes": total, "source": path, "config": cfg, "note": note}
+
+
+def _embeddings_as_in_source(cfg: QuantConfig, ckpt, keep: bool) -> tuple[QuantConfig, str | None]:
+    """A GGUF file usually stores the token embedding quantized (Q8_0 in the built-in model). Written
+    back in full precision it would make the "quantized" copy larger than the file it came from, so
+    the embedding (and a tied head) is quantized too unless the caller keeps it."""
+    if cfg.quantize_embeddings or not ckpt.tensor_types:
+        return cfg, None
+    from gguf import GGMLQuantizationType as Q
+    kind = ckpt.tensor_types.get("model.embed_tokens.weight")
+    if kind is None or kind in (Q.F32, Q.F16, Q.BF16):
+        return cfg, None
+    if keep:
+        return cfg, f"the embedding stays in full precision (--keep-embeddings), though the source stored it as {kind.name}"
+    return (dataclasses.replace(cfg, quantize_embeddings=True),
+            f"the embedding is quantized too: the source stored it as {kind.name} (--keep-embeddings keeps it whole)")
+
+
+def _normal_modes(folder: str) -> None:
+    """Files readable as any file this user writes (safetensors writes its files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), 0o666 & ~umask)
 
 
 def _write_shards(tensors, folder: str, max_bytes: int) -> tuple[list[str], int]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from keel.errors import KeelError
+
 from keel.quant.config import DEFAULT_INT4_GROUP_SIZE, INT4_GROUP_SIZES, LOAD_METHODS, METHODS
 
 _GROUP_HELP = (f"int4 only: input channels per scale and zero point, one of "
@@ -22,7 +24,10 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=METHODS, help="int8 or int4")
     p.add_argument("--group-size", type=int, default=None, help=_GROUP_HELP)
     p.add_argument("--quantize-embeddings", action="store_true",
-                   help="also quantize the token embedding and the output head (kept full precision by default)")
+                   help="also quantize the token embedding and the output head (by default kept in full precision, "
+                        "unless the source stored them quantized, as GGUF files do)")
+    p.add_argument("--keep-embeddings", action="store_true",
+                   help="keep the embedding and head in full precision even when the source stored them quantized")
     p.set_defaults(func=cmd_quantize)
     return p
 
@@ -30,9 +35,13 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_quantize(args) -> int:
     from keel.quant.checkpoint import quantize_checkpoint
     from keel.quant.config import QuantConfig
+    if args.quantize_embeddings and args.keep_embeddings:
+        raise KeelError("--quantize-embeddings and --keep-embeddings contradict each other")
     cfg = QuantConfig(args.method, args.group_size, args.quantize_embeddings)
-    summary = quantize_checkpoint(args.model, args.out, cfg)
-    print(f"wrote {args.out}: {cfg.describe()}, {summary['tensor_bytes'] / 1e6:.1f} MB of tensors "
+    summary = quantize_checkpoint(args.model, args.out, cfg, keep_embeddings=args.keep_embeddings)
+    if summary["note"]:
+        print(f"keel quantize: {summary['note']}")
+    print(f"wrote {args.out}: {summary['config'].describe()}, {summary['tensor_bytes'] / 1e6:.1f} MB of tensors "
           f"in {len(summary['files'])} file(s), from {summary['source']}")
     return 0
 

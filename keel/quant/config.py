@@ -33,8 +33,18 @@ class QuantConfig:
     """int4 only: input channels per scale and zero point, 32, 64 or 128 (None: 32)."""
     quantize_embeddings: bool = False
     """Also quantize the token embedding and the output head (by default they stay in the model dtype)."""
+    embedding_method: str | None = None
+    """With quantize_embeddings: the embedding's and head's format, int8 by default whatever `method` is
+    (as llama.cpp's 4-bit files keep them at 6-8 bits: int4 there turns the built-in model's "Paris"
+    into "L'Étoile"); None without quantize_embeddings."""
 
     def __post_init__(self) -> None:
+        if not self.quantize_embeddings:
+            self.embedding_method = None
+        elif self.embedding_method is None:
+            self.embedding_method = "int8"
+        elif self.embedding_method not in METHODS:
+            raise InvalidRequestError(f"embedding_method={self.embedding_method!r} is invalid: use int8 or int4")
         if self.method not in METHODS + ("gguf",):
             raise InvalidRequestError(f"quantization={self.method!r} is invalid: use one of {', '.join(LOAD_METHODS)}")
         if self.method == "gguf":
@@ -55,10 +65,13 @@ class QuantConfig:
         if self.method == "gguf":
             return "GGUF blocks kept (Q4_0/Q4_1 as int4, Q8_0 as int8, groups of 32)"
         text = self.method if self.method == "int8" else f"int4, group size {self.group_size}"
-        return text + (", embeddings too" if self.quantize_embeddings else "")
+        return text + (f", embedding and head {self.embedding_method}" if self.quantize_embeddings else "")
 
     def to_dict(self) -> dict:
-        return {"quant_method": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
+        d = asdict(self)
+        if d["embedding_method"] is None:
+            del d["embedding_method"]
+        return {"quant_method": FORMAT, "format_version": FORMAT_VERSION, **d}
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "QuantConfig":
@@ -66,7 +79,9 @@ class QuantConfig:
             raise ModelLoadError(f"{where}: not a keel quantization config of format version {FORMAT_VERSION} "
                                  f"(quant_method={d.get('quant_method')!r}, format_version={d.get('format_version')!r})")
         try:
-            return cls(d["method"], d.get("group_size"), bool(d.get("quantize_embeddings", False)))
+            # files written before embedding_method existed quantized the embedding with `method`
+            return cls(d["method"], d.get("group_size"), bool(d.get("quantize_embeddings", False)),
+                       d.get("embedding_method", d["method"]))
         except KeyError:
             raise ModelLoadError(f"{where} names no quantization method") from None
         except InvalidRequestError as e:

@@ -11,7 +11,7 @@ from torch import nn
 from keel.errors import ModelLoadError
 from keel.layers.linear import Linear
 from keel.models.gguf import GGUFBlocks
-from keel.quant.config import INT4_GROUP_SIZES, QuantConfig
+from keel.quant.config import DEFAULT_INT4_GROUP_SIZE, INT4_GROUP_SIZES, QuantConfig
 from keel.quant.gguf_blocks import DIRECT_TYPES, GROUP, INT4_TYPES, INT8_TYPES, gguf_to_int4, gguf_to_int8
 from keel.quant.int4 import Int4Embedding, Int4Linear
 from keel.quant.int8 import Int8Embedding, Int8Linear
@@ -30,19 +30,21 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, tensor_types: dict | None
     if cfg.method == "gguf":
         _quantize_as_gguf(model, tensor_types or {})
         return
-    linear_cls, embedding_cls = LAYERS[cfg.method]
-    targets = [(name, m) for name, m in model.named_modules()
-               if type(m) is Linear and (name != HEAD or cfg.quantize_embeddings)]
+    def layers(method: str):  # (linear class, embedding class, group size)
+        return (*LAYERS[method], (cfg.group_size or DEFAULT_INT4_GROUP_SIZE) if method == "int4" else None)
+    targets = [(name, m, layers(cfg.embedding_method if name == HEAD else cfg.method))
+               for name, m in model.named_modules() if type(m) is Linear and (name != HEAD or cfg.quantize_embeddings)]
     emb = model.get_submodule(EMBEDDING) if cfg.quantize_embeddings else None
-    if cfg.group_size is not None:
-        widths = {name: m.in_features for name, m in targets}
-        if emb is not None:
-            widths[EMBEDDING] = emb.embedding_dim
-        _check_group_size(cfg.group_size, widths)
-    for name, m in targets:
-        _replace(model, name, _quantized_like(m, linear_cls, cfg.group_size, name))
+    widths = {name: m.in_features for name, m, (_, _, group) in targets if group}
+    if emb is not None and layers(cfg.embedding_method)[2]:
+        widths[EMBEDDING] = emb.embedding_dim
+    if widths:
+        _check_group_size(cfg.group_size or DEFAULT_INT4_GROUP_SIZE, widths)
+    for name, m, (linear_cls, _, group) in targets:
+        _replace(model, name, _quantized_like(m, linear_cls, group, name))
     if emb is not None:
-        _quantize_embedding(model, emb, embedding_cls, cfg.group_size)
+        _, embedding_cls, group = layers(cfg.embedding_method)
+        _quantize_embedding(model, emb, embedding_cls, group)
 
 
 def _quantized_like(m: Linear, cls, group_size: int | None, name: str) -> QuantLinear:

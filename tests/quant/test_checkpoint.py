@@ -62,6 +62,7 @@ def test_quantized_checkpoint_gives_the_same_outputs_as_quantizing_at_load(
     assert not any(n.endswith("_proj.weight") for n in names)  # no full-precision projection is written
     assert any(n.endswith("q_proj.qweight") for n in names)
 
+    cfg = summary["config"]  # from a GGUF whose embedding is quantized: the embedding too
     at_load, loaded = _llm(src, cfg), _llm(out)
     assert loaded.engine.quantization == cfg
     for llm in (at_load, loaded):
@@ -154,8 +155,11 @@ def _edit_config(folder, **changes):
                                               "(128, 128), but int8 needs int8 (128, 256)", "does not match the tensors"]),
     ({"group_size": 64}, ["down_proj.scales: the checkpoint has bfloat16 (128, 8), but int4 with group size 64 "
                           "needs bfloat16 (128, 4)", "does not match the tensors"]),
+    # a config without embedding_method (as written before it existed) means the embedding in `method`
     ({"quantize_embeddings": True}, ["lm_head.weight does not belong in a int4 with group size 32 layer",
-                                     "(int4, group size 32, embeddings too) does not match"]),
+                                     "(int4, group size 32, embedding and head int4) does not match"]),
+    ({"quantize_embeddings": True, "embedding_method": "int8"}, ["lm_head.weight does not belong in a int8 layer",
+                                                                 "(int4, group size 32, embedding and head int8)"]),
     ({"method": "int5"}, ["quantization_config.json", "quantization='int5' is invalid"]),
     ({"quant_method": "gptq"}, ["not a keel quantization config", "'gptq'"]),
 ])
@@ -203,3 +207,28 @@ def test_no_full_precision_projection_weight_reaches_the_model(monkeypatch, quan
     assert not any(n.endswith("_proj.weight") for n in seen)
     assert "model.embed_tokens.weight" in seen and "lm_head.weight" in seen  # these stay full precision
     assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
+
+
+def test_quantizing_the_builtin_gguf_makes_it_smaller_with_normal_file_modes(tmp_path, capsys):
+    """The built-in file stores its embedding as Q8_0: kept, it is quantized too (and said so), so the
+    int4 copy is smaller than the GGUF file; --keep-embeddings keeps it whole (and larger)."""
+    from keel.models.loader import resolve_model
+    from keel.quant.cli import cmd_quantize
+    source = os.path.getsize(resolve_model(None))
+    out = str(tmp_path / "q4")
+    args = argparse.Namespace(model=None, out=out, method="int4", group_size=None, quantize_embeddings=False,
+                              keep_embeddings=False)
+    assert cmd_quantize(args) == 0
+    assert "embedding is quantized too: the source stored it as Q8_0" in capsys.readouterr().out
+    # int4 groups of 32 with two 16-bit numbers each, as Q4_1; an int8 embedding as Q8_0: the same size
+    # as the file, give or take the tokenizer written out as JSON (it was 1.9x before)
+    written = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    assert written < 1.02 * source, (written, source)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(out):
+        assert os.stat(os.path.join(out, name)).st_mode & 0o777 == 0o666 & ~umask, name
+    llm = LLM(out, max_model_len=64, num_blocks=16)
+    text = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                    SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
+    assert "Paris" in text

@@ -23,8 +23,13 @@ def test_weight_bytes_against_bf16(hf_checkpoint, case, method):
     assert plain["projections"] <= LIMITS[method] * bf16["projections"]
     assert plain["embedding"] == bf16["embedding"]  # full precision unless asked
     everything = _bytes(folder, QuantConfig(method, quantize_embeddings=True), max_model_len=64)
-    assert everything["total"] <= LIMITS[method] * bf16["total"]
+    # the embedding and head are int8 (embedding_method's default) whatever the projections are
+    assert everything["projections"] == plain["projections"]
+    assert everything["embedding"] + everything["head"] <= LIMITS["int8"] * (bf16["embedding"] + bf16["head"])
     assert everything["total"] == sum(v for k, v in everything.items() if k != "total")
+    int4_embeddings = _bytes(folder, QuantConfig(method, quantize_embeddings=True, embedding_method="int4"),
+                             max_model_len=64)
+    assert int4_embeddings["total"] <= LIMITS[method] * bf16["total"]
 
 
 try:
