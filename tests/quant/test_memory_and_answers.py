@@ -47,6 +47,7 @@ def bf16_bytes():
 
 
 @builtin
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_builtin_model_answers_paris(bf16_bytes, method):
     # float32 activations: in bfloat16 the int4 model's first-token logits for "The" and "L" tie

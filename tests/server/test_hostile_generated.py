@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from tests.server.conftest import MODEL
 from tests.server.hostile import EMB, check_4xx, check_whole, hostile_server
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") skips this module
+
 ODD_TEXT = st.sampled_from(["\ud800", "a\udfffb", "\x00", "\u202e", "t1 " * 300, "", " ", "t999", "<|im_end|>",
                             "\U0001f600", "\\", '"', "NaN"])
 NUMBERS = st.one_of(st.integers(min_value=-(2**70), max_value=2**70), st.sampled_from([0, -1, 1, 2**31, 2**63, 2**64]),

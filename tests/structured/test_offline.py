@@ -12,6 +12,9 @@ from keel.engine.guided import GrammarBackend, StructuredOutputError
 from keel.errors import InvalidRequestError
 from tests.structured.conftest import BAD_SCHEMAS, PERSON, PROMPT
 
+# the built-in model behind every test here: the full suite runs them, the fast tier does not
+pytestmark = pytest.mark.slow
+
 SEEDS = range(10)
 
 

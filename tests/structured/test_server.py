@@ -13,6 +13,9 @@ import pytest
 from keel.models.loader import DEFAULT_MODEL_NAME as MODEL
 from tests.structured.conftest import BAD_SCHEMAS, PERSON, PROMPT
 
+# the built-in model behind every test here: the full suite runs them, the fast tier does not
+pytestmark = pytest.mark.slow
+
 
 def json_schema_format(schema: dict) -> dict:
     return {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}

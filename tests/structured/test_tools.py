@@ -11,6 +11,9 @@ import pytest
 from keel.models.loader import DEFAULT_MODEL_NAME as MODEL
 from keel.server.tools import ToolCallStream, parse_tool_calls, prepare_messages
 
+# the built-in model behind every test here: the full suite runs them, the fast tier does not
+pytestmark = pytest.mark.slow
+
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
            "required": ["city", "unit"], "additionalProperties": False}
