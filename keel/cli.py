@@ -151,6 +151,14 @@ def _embedding_model(args, chat_name: str):
 
 
 def cmd_serve(args) -> int:
+    sock = _bind(args.host, args.port)  # a port in use fails now, before torch is even imported
+    try:
+        return _serve(args, sock)
+    finally:
+        sock.close()
+
+
+def _serve(args, sock) -> int:
     import torch
     import uvicorn
 
@@ -161,7 +169,6 @@ def cmd_serve(args) -> int:
     from keel.server.adapters import LoRAPolicy
     from keel.server.limits import ServerLimits, uvicorn_settings
 
-    sock = _bind(args.host, args.port)  # a port in use fails now, before any weight is read
     lora = None
     if args.enable_lora or args.lora or args.lora_dir:
         lora = LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
