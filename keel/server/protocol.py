@@ -24,6 +24,11 @@ HOSTED_ONLY_FIELDS = (
 )
 
 
+# Bounds on what every engine step pays for, per request (see _SamplingFields' validators).
+MAX_STOP_CHARS = 1024
+MAX_TOKEN_LIST = 1024
+
+
 class RequestError(ValueError):
     """A request that parsed but cannot be served as asked; `param` names the field."""
 
@@ -78,11 +83,24 @@ class _SamplingFields(_Strict):
     def _check_stop(cls, v):
         if isinstance(v, list) and len(v) > 4:
             raise ValueError(f"at most 4 stop sequences are allowed, got {len(v)}")
+        # each step looks for every stop string at the end of the text: bounded, so one request cannot
+        # make every step of the batch slow
+        if any(len(s) > MAX_STOP_CHARS for s in ([v] if isinstance(v, str) else v or []) if isinstance(s, str)):
+            raise ValueError(f"a stop sequence may be at most {MAX_STOP_CHARS} characters long")
+        return v
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _check_stop_ids(cls, v):
+        if v is not None and len(v) > MAX_TOKEN_LIST:
+            raise ValueError(f"at most {MAX_TOKEN_LIST} stop token ids are allowed, got {len(v)}")
         return v
 
     @field_validator("logit_bias")
     @classmethod
     def _check_bias(cls, v):
+        if v is not None and len(v) > MAX_TOKEN_LIST:
+            raise ValueError(f"at most {MAX_TOKEN_LIST} tokens can be biased, got {len(v)}")
         for key, bias in (v or {}).items():
             try:
                 int(key)

@@ -47,6 +47,8 @@ def test_top_k_of_the_whole_vocabulary_is_served(http):
     ("seed", 2**64), ("seed", -(2**70)), ("n", 10**6), ("max_tokens", 10**30), ("min_tokens", 10**30),
     ("temperature", 1e308), ("logit_bias", {"1" + "0" * 40: 1}), ("stop_token_ids", [2**70]),
     ("top_logprobs", 10**20), ("presence_penalty", -1e300), ("repetition_penalty", -1),
+    ("logit_bias", {str(i % 256): 1 for i in range(2000)} | {str(1000 + i): 1 for i in range(1100)}),
+    ("stop_token_ids", [1] * 1025), ("stop", "s" * 1025), ("stop", ["a", "s" * 5000]),
 ])
 def test_numbers_out_of_range_are_a_400(http, field, value):
     body = chat_body(**{field: value})
