@@ -94,16 +94,49 @@ def prepare_messages(messages: list[dict], tools: list[dict] | None, native: boo
 
 
 def call_schema(tools: list[dict], name: str | None = None) -> dict:
-    """JSON Schema of one call: {"name": <a tool's name>, "arguments": <that tool's parameters>}."""
-    options = []
-    for t in tools:
+    """JSON Schema of one call: {"name": <a tool's name>, "arguments": <that tool's parameters>}.
+
+    Each tool's parameters are a schema document of their own, whose local `$ref`s ("#/$defs/User",
+    "#" for recursion) point into that document: what pydantic, the Agents SDK and instructor send for
+    nested models. Embedded under "arguments" those pointers would resolve against the wrong root, so
+    each parameters schema is placed whole under the root's $defs and its pointers are prefixed."""
+    options, defs = [], {}
+    for i, t in enumerate(tools):
         fn = t["function"]
         if name is not None and fn["name"] != name:
             continue
         params = fn.get("parameters") or {"type": "object", "properties": {}}
+        if _has_local_ref(params):
+            key = f"tool{i}"
+            defs[key] = _prefix_refs(params, f"#/$defs/{key}")
+            params = {"$ref": f"#/$defs/{key}"}
         options.append({"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": params},
                         "required": ["name", "arguments"], "additionalProperties": False})
-    return options[0] if len(options) == 1 else {"anyOf": options}
+    schema = options[0] if len(options) == 1 else {"anyOf": options}
+    return {**schema, "$defs": defs} if defs else schema
+
+
+def _has_local_ref(node) -> bool:
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, dict):
+            if isinstance(n.get("$ref"), str) and n["$ref"].startswith("#"):
+                return True
+            stack.extend(n.values())
+        elif isinstance(n, list):
+            stack.extend(n)
+    return False
+
+
+def _prefix_refs(node, prefix: str):
+    """A copy of `node` with every local $ref ("#...") re-rooted at `prefix` ("#/$defs/tool0...")."""
+    if isinstance(node, dict):
+        return {k: (prefix + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#") else
+                    _prefix_refs(v, prefix)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_prefix_refs(v, prefix) for v in node]
+    return node
 
 
 def call_grammar(tools: list[dict], name: str | None, parallel: bool, after_open: bool = False) -> str:

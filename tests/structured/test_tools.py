@@ -162,3 +162,50 @@ def test_native_template_gets_tools_and_call_objects(llm):
     assert '"arguments": {"city": "Paris", "unit": "celsius"}}' in text and "<|im_start|>tool\n21" in text
     body = ChatCompletionRequest.model_validate({"model": MODEL, "tools": TOOLS, "messages": ASK, "tool_choice": "none"})
     assert "get_time" not in tok.decode(render_prompt(tok, body), skip_special_tokens=False)
+
+
+def _pydantic_tool_schemas():
+    """Parameters as pydantic writes them for nested and recursive models (openai.pydantic_function_tool,
+    the Agents SDK's @function_tool, instructor): local $defs and $refs, "#/$defs/Node" inside Node."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class Strict(BaseModel):  # additionalProperties: false, as strict function tools send it
+        model_config = ConfigDict(extra="forbid")
+
+    class Address(Strict):
+        city: str = Field(max_length=16)
+        country: str = Field(max_length=16)
+
+    class Person(Strict):
+        name: str = Field(max_length=16)
+        address: Address
+
+    class Node(Strict):
+        label: str = Field(max_length=8)
+        children: list["Node"] = Field(default_factory=list, max_length=2)
+
+    class Register(Strict):
+        person: Person
+        tree: Node
+    return Register.model_json_schema(), Person.model_json_schema()
+
+
+def test_tools_with_defs_and_refs_are_accepted_and_enforced(server):
+    register, person = _pydantic_tool_schemas()
+    assert "$defs" in register and '"$ref": "#/$defs/Node"' in json.dumps(register)
+    tools = [{"type": "function", "function": {"name": "register", "parameters": register}},
+             {"type": "function", "function": {"name": "greet", "parameters": person}}]
+    client = server.client()
+    for choice in ("none", "auto"):  # refused before (400 "Pointer '/$defs/...' does not exist"), whatever tool_choice
+        r = client.chat.completions.create(model=MODEL, messages=ASK, tools=tools, tool_choice=choice, max_tokens=8)
+        assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # a forced call of the recursive schema: this small model nests Node in Node until max_tokens, so
+    # the calls checked to the end are the nested (non-recursive) ones
+    for name, schema in (("greet", person),):
+        r = client.chat.completions.create(model=MODEL, messages=ASK, tools=tools, seed=5, temperature=0.7,
+                                           max_tokens=200, tool_choice={"type": "function", "function": {"name": name}})
+        assert r.choices[0].message.tool_calls, (r.choices[0].finish_reason, r.choices[0].message.content)
+        call = r.choices[0].message.tool_calls[0]
+        assert r.choices[0].finish_reason == "tool_calls" and call.function.name == name
+        jsonschema.validate(json.loads(call.function.arguments), schema)
+    server.wait_idle()
