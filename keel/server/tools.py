@@ -82,15 +82,25 @@ def prepare_messages(messages: list[dict], tools: list[dict] | None, native: boo
     for m in messages:
         if m["role"] == "assistant" and m.get("tool_calls"):
             text = "\n".join(_block(c) for c in m["tool_calls"])
-            content = m.get("content") or ""
+            content = _text(m.get("content"))
             m = {"role": "assistant", "content": f"{content}\n{text}" if content else text}
         elif m["role"] == "tool":
-            m = {"role": "user", "content": f"<tool_response>\n{m.get('content', '')}\n</tool_response>"}
+            m = {"role": "user", "content": f"<tool_response>\n{_text(m.get('content'))}\n</tool_response>"}
         out.append(m)
     # two system messages confuse templates that special-case the first: merge into one
     if tools and len(out) > 1 and out[1]["role"] == "system":
-        out[0:2] = [{"role": "system", "content": f"{out[1]['content']}\n\n{out[0]['content']}"}]
+        out[0:2] = [{"role": "system", "content": f"{_text(out[1]['content'])}\n\n{out[0]['content']}"}]
     return out, None
+
+
+def _text(content) -> str:
+    """Message content as text: a string, or text parts (the Agents SDK and LangChain send tool results
+    as [{"type": "text", "text": ...}]) joined as the templates' own joining does."""
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return str(content)
 
 
 def call_schema(tools: list[dict], name: str | None = None) -> dict:
