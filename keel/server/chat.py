@@ -18,7 +18,8 @@ from keel.server.errors import context_length_exceeded, from_exception
 from keel.tokenizer import PromptTooLongError
 from keel.server.protocol import ChatCompletionRequest, RequestError
 from keel.server.streaming import STREAM_HEADERS, Fanin, safe_logprob, sse_stream, start, unless_disconnected
-from keel.server.tools import OPEN, ToolCallStream, call_grammar, parse_tool_calls, prepare_messages, supports_tools
+from keel.server.tools import (OPEN, ToolCallStream, call_grammar, call_or_answer_grammar, parse_tool_calls,
+                               prepare_messages, supports_tools)
 
 router = APIRouter()
 
@@ -47,6 +48,11 @@ def tool_params(engine, body: ChatCompletionRequest, params) -> set[str]:
     elif mode == "auto" and not params.structured:
         # free text, but a call the model starts is completed validly (arguments match the schema)
         params.grammar, params.grammar_trigger = call_grammar(tools, None, parallel, after_open=True), OPEN
+    elif mode == "auto":
+        # with response_format: calls, or the answer in that format (a bad format is blamed on it below)
+        answer = {"type": "object"} if params.json_object else params.json_schema
+        params.grammar = call_or_answer_grammar(tools, parallel, answer)
+        params.json_schema, params.json_object = None, False
     return set() if mode == "none" else {t["function"]["name"] for t in tools}
 
 

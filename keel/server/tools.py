@@ -159,6 +159,15 @@ def call_grammar(tools: list[dict], name: str | None, parallel: bool, after_open
             f'rest: "\\n" %json {schema} "\\n{CLOSE}"\n')
 
 
+def call_or_answer_grammar(tools: list[dict], parallel: bool, answer_schema) -> str:
+    """tools with response_format under tool_choice "auto": the output is either calls (as
+    call_grammar) or an answer in the response format, decided by the model's first tokens."""
+    if answer_schema is True or answer_schema is None:
+        answer_schema = {}
+    answer = json.dumps({**answer_schema, "x-guidance": JSON_OPTIONS})
+    return call_grammar(tools, None, parallel).replace("start: ", "start: answer | ", 1) + f"answer: %json {answer}\n"
+
+
 def parse_tool_calls(text: str, names: set[str]) -> tuple[str | None, list[dict]]:
     """Split generated text into content and calls. A block that does not parse, or names a function
     that is not offered, stays in the content: the client sees what the model wrote."""

@@ -209,3 +209,39 @@ def test_tools_with_defs_and_refs_are_accepted_and_enforced(server):
         assert r.choices[0].finish_reason == "tool_calls" and call.function.name == name
         jsonschema.validate(json.loads(call.function.arguments), schema)
     server.wait_idle()
+
+
+ANSWER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
+                                           "sunny": {"type": "boolean"}},
+          "required": ["city", "sunny"], "additionalProperties": False}
+
+
+def test_tools_with_a_response_format_under_auto_allow_either_outcome(server, llm):
+    """The output is a valid call or a valid answer in the format, never free text. Which one is the
+    model's choice; a bias on its first token ('<' starts a call block, '{' the answer) picks each."""
+    tok = llm.tokenizer
+    fmt = {"type": "json_schema", "json_schema": {"name": "weather", "schema": ANSWER}}
+    client = server.client()
+    outcomes = {}
+    for first in ("<", "{"):
+        r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="auto",
+                                           response_format=fmt, max_tokens=120, temperature=0,
+                                           parallel_tool_calls=False, logit_bias={str(tok.token_to_id(first)): 100})
+        c = r.choices[0]
+        if c.message.tool_calls:
+            check_calls(c.message.tool_calls)
+            assert c.finish_reason == "tool_calls"
+            outcomes[first] = "call"
+        else:
+            jsonschema.validate(json.loads(c.message.content), ANSWER)
+            outcomes[first] = "answer"
+    assert outcomes == {"<": "call", "{": "answer"}
+    for seed in range(4):  # unbiased, sampled: each output is one or the other
+        r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, response_format=fmt, seed=seed,
+                                           max_tokens=120)
+        c = r.choices[0]
+        if c.message.tool_calls:
+            check_calls(c.message.tool_calls)
+        elif c.finish_reason == "stop":
+            jsonschema.validate(json.loads(c.message.content), ANSWER)
+    server.wait_idle()
