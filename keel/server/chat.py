@@ -79,7 +79,7 @@ async def create_chat_completion(request: Request):
     choices = []
     for o in final.outputs:
         message = {"role": "assistant", "content": o.text, "refusal": None}
-        content, calls = parse_tool_calls(o.text, names) if names else (o.text, [])
+        content, calls = parse_tool_calls(o.text, names, cut=o.finish_reason == "length") if names else (o.text, [])
         if calls:
             message.update(content=content, tool_calls=calls)
         choices.append({"index": o.index, "message": message,
@@ -150,8 +150,11 @@ async def _chunks(fanin: Fanin, head: dict, n: int, include_usage: bool, want_lo
                     sent[i] += len(new)
                     lps = _logprobs(new) if new else None
                 if tools is not None:
-                    for d in _tool_deltas(tools[i], o):
-                        yield chunk(i, d)
+                    deltas = _tool_deltas(tools[i], o)
+                    if lps and not deltas:
+                        deltas = [{}]  # tokens held back (a call head not yet readable): their logprobs still go
+                    for k, d in enumerate(deltas):
+                        yield chunk(i, d, lps if k == 0 else None)
                     if o.finished:
                         yield chunk(i, {}, None, tools_finish_reason(o, bool(tools[i].num_calls)))
                         done[i] = True
@@ -169,7 +172,7 @@ async def _chunks(fanin: Fanin, head: dict, n: int, include_usage: bool, want_lo
 
 def _tool_deltas(stream: ToolCallStream, o: CompletionOutput) -> list[dict]:
     deltas = stream.feed(o.delta_text) if o.delta_text else []
-    return deltas + stream.finish() if o.finished else deltas
+    return deltas + stream.finish(cut=o.finish_reason == "length") if o.finished else deltas
 
 
 def tools_finish_reason(o: CompletionOutput, called: bool) -> str:

@@ -29,6 +29,7 @@ from keel.engine.guided import JSON_OPTIONS
 from keel.server.body import depth_ok
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+MAX_CALLS = 8  # calls in one response when parallel_tool_calls is allowed
 FALLBACK_INSTRUCTIONS = (
     "You can call functions. To call one, reply with only this, once per call:\n"
     f"{OPEN}\n{{\"name\": <function name>, \"arguments\": <arguments as a JSON object>}}\n{CLOSE}\n"
@@ -153,7 +154,8 @@ def call_grammar(tools: list[dict], name: str | None, parallel: bool, after_open
     """A Lark grammar (llguidance's dialect) for one or more call blocks and nothing else; after_open:
     for the text that follows a first OPEN the model wrote itself (tool_choice "auto")."""
     schema = json.dumps({**call_schema(tools, name), "x-guidance": JSON_OPTIONS})
-    many = ' ("\\n" call)*' if parallel and name is None else ""
+    # parallel calls: at most MAX_CALLS, as a small model may otherwise repeat one call until max_tokens
+    many = f' ("\\n" call){{0,{MAX_CALLS - 1}}}' if parallel and name is None else ""
     first = "rest" if after_open else "call"
     return (f'start: {first}{many}\ncall: "{OPEN}" rest\n'
             f'rest: "\\n" %json {schema} "\\n{CLOSE}"\n')
@@ -168,9 +170,12 @@ def call_or_answer_grammar(tools: list[dict], parallel: bool, answer_schema) -> 
     return call_grammar(tools, None, parallel).replace("start: ", "start: answer | ", 1) + f"answer: %json {answer}\n"
 
 
-def parse_tool_calls(text: str, names: set[str]) -> tuple[str | None, list[dict]]:
+def parse_tool_calls(text: str, names: set[str], cut: bool = False) -> tuple[str | None, list[dict]]:
     """Split generated text into content and calls. A block that does not parse, or names a function
-    that is not offered, stays in the content: the client sees what the model wrote."""
+    that is not offered, stays in the content: the client sees what the model wrote. cut: the text
+    ended at max_tokens, so an unclosed last block (or the start of one) is dropped, not kept as markup."""
+    if cut:
+        text = _without_open_block(text)
     calls, kept, pos = [], [], 0
     for m in _BLOCK.finditer(text):
         call = _call_from(m.group(1), names)
@@ -184,6 +189,14 @@ def parse_tool_calls(text: str, names: set[str]) -> tuple[str | None, list[dict]
     kept.append(text[pos:])
     content = "".join(kept).strip()
     return content or None, calls
+
+
+def _without_open_block(text: str) -> str:
+    last = text.rfind(OPEN)
+    if last >= 0 and text.find(CLOSE, last) < 0:
+        return text[:last]
+    partial = next((k for k in range(min(len(OPEN) - 1, len(text)), 0, -1) if text.endswith(OPEN[:k])), 0)
+    return text[:len(text) - partial]
 
 
 def _call_from(body: str, names: set[str]) -> dict | None:
@@ -233,12 +246,21 @@ class ToolCallStream:
             self._end_call(out, close)
             self.pos, self.in_call = close + len(CLOSE), False
 
-    def finish(self) -> list[dict]:
+    def finish(self, cut: bool = False) -> list[dict]:
+        """The rest, once the output ended; cut: it ended at max_tokens, so a call block still open (or
+        the start of one) is dropped rather than sent as content markup."""
         out: list[dict] = []
         if self.in_call:
-            self._end_call(out, len(self.buf))
+            if cut and self._args_start is None:
+                self.in_call = False
+            else:
+                self._end_call(out, len(self.buf))
         else:
-            self._content(out, len(self.buf))
+            end = len(self.buf)
+            if cut:
+                end -= next((k for k in range(min(len(OPEN), end - self.pos), 0, -1)
+                             if self.buf.endswith(OPEN[:k])), 0)
+            self._content(out, end)
         self.pos = len(self.buf)
         return out
 
@@ -254,8 +276,10 @@ class ToolCallStream:
         end = close if close >= 0 else len(self.buf)
         if self._args_start is None:
             m = self._HEAD.match(self.buf, self.pos, end)
-            if m is None or m.group(1) not in self.names:
-                return  # not yet readable as name-then-arguments: sent whole at the end
+            if m is None or m.group(1) not in self.names or m.end() == end:
+                # not yet readable as name-then-arguments (sent whole at the end), or the arguments
+                # have not started: whitespace still to come belongs to no fragment
+                return
             self._args_start = self._args_sent = m.end()
             out.append(self._call_delta(id=new_call_id(), type="function", function={"name": m.group(1), "arguments": ""}))
         stop = _value_end(self.buf, self._args_start, end)

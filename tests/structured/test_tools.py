@@ -47,9 +47,9 @@ def test_required_and_named_calls_validate(server):
     for c in single.choices:
         assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1 and not c.message.content
         check_calls(c.message.tool_calls)
-    for c in parallel.choices:  # every finished call validates; one cut off by max_tokens stays content
+    for c in parallel.choices:  # every finished call validates; one cut off by max_tokens is dropped
         check_calls(c.message.tool_calls)
-        assert c.finish_reason == ("length" if c.message.content else "tool_calls")
+        assert c.finish_reason in ("length", "tool_calls") and not c.message.content
     for c in named.choices:
         assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1
         check_calls(c.message.tool_calls, ("get_time",))
@@ -244,4 +244,23 @@ def test_tools_with_a_response_format_under_auto_allow_either_outcome(server, ll
             check_calls(c.message.tool_calls)
         elif c.finish_reason == "stop":
             jsonschema.validate(json.loads(c.message.content), ANSWER)
+    server.wait_idle()
+
+
+def test_streamed_tool_calls_carry_logprobs(server):
+    client = server.client()
+    common = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                  seed=2, temperature=0.8, max_tokens=96, logprobs=True, top_logprobs=2)
+    whole = client.chat.completions.create(**common)
+    stream = client.chat.completions.create(**common, stream=True, stream_options={"include_usage": True})
+    lps, args = [], ""
+    for chunk in stream:
+        for c in chunk.choices:
+            if c.logprobs and c.logprobs.content:
+                lps += c.logprobs.content
+            for call in c.delta.tool_calls or []:
+                args += call.function.arguments or ""
+    assert [e.token for e in lps] == [e.token for e in whole.choices[0].logprobs.content]
+    assert all(len(e.top_logprobs) == 2 for e in lps)
+    assert args == whole.choices[0].message.tool_calls[0].function.arguments and not args.startswith(" ")
     server.wait_idle()
