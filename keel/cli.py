@@ -168,6 +168,7 @@ def _serve(args, sock) -> int:
     from keel.server import create_app
     from keel.server.adapters import LoRAPolicy
     from keel.server.limits import ServerLimits, uvicorn_settings
+    from keel.store import ResponseStore, default_state_path
 
     lora = None
     if args.enable_lora or args.lora or args.lora_dir:
@@ -216,7 +217,8 @@ def _serve(args, sock) -> int:
                      engine_threads=engine_threads, limits=limits, enable_docs=args.enable_docs,
                      lora_policy=LoRAPolicy(roots=roots, show_paths=args.show_lora_paths),
                      default_max_tokens=args.default_max_tokens or None,
-                     request_timeout_s=args.request_timeout or None)
+                     request_timeout_s=args.request_timeout or None,
+                     response_store=ResponseStore(args.state_db or default_state_path()))
     print(_summary(engine, name, embedder, sock, args), file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level=args.log_level.lower(), timeout_graceful_shutdown=args.shutdown_timeout,
                             **uvicorn_settings(limits))
@@ -335,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--enable-docs", action="store_true",
                    help="serve /docs, /redoc and /openapi.json (open, without the API key); off by default")
     s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences running in one batch")
+    s.add_argument("--state-db", default=None, metavar="PATH",
+                   help="SQLite file for stored Responses API responses (default: $KEEL_STATE_DB, else "
+                        "~/.local/share/keel/state.sqlite3; ':memory:' keeps nothing across restarts)")
     s.add_argument("--request-timeout", type=float, default=0,
                    help="seconds a request may generate; then it ends as if max_tokens were reached "
                         "(finish_reason 'length'); 0: no limit")

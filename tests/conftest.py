@@ -8,6 +8,9 @@ import os
 
 import pytest
 
+# A `keel serve` started by a test keeps stored responses in memory, never in the user's state file.
+os.environ["KEEL_STATE_DB"] = ":memory:"
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 CHATML_TEMPLATE = (

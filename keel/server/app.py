@@ -31,6 +31,7 @@ from keel.server.errors import APIError, context_length_exceeded, from_validatio
 from keel.server.fingerprint import created_time, system_fingerprint
 from keel.server.limits import BodyGuard, ServerLimits
 from keel.server.metrics import Metrics
+from keel.store import ResponseStore
 
 DEFAULT_MAX_WAITING = 256
 # Completion tokens for a request that sets no max_tokens. OpenAI's API would allow the whole rest of
@@ -55,6 +56,7 @@ class ServerState:
     limits: ServerLimits = field(default_factory=ServerLimits)
     lora_policy: LoRAPolicy = field(default_factory=LoRAPolicy)
     default_max_tokens: int | None = DEFAULT_MAX_TOKENS  # None: the rest of the context
+    responses: ResponseStore = field(default_factory=ResponseStore)  # stored Responses API responses
     request_timeout_s: float | None = None  # generation time limit per request (None: none)
     _adapter_fps: dict[str, str] = field(default_factory=dict)
 
@@ -170,7 +172,7 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
                embedding_model: EmbeddingModel | None = None, engine_threads: int | None = None,
                limits: ServerLimits | None = None, lora_policy: LoRAPolicy | None = None,
                enable_docs: bool = False, default_max_tokens: int | None = DEFAULT_MAX_TOKENS,
-               request_timeout_s: float | None = None) -> FastAPI:
+               request_timeout_s: float | None = None, response_store: ResponseStore | None = None) -> FastAPI:
     """embedding_model: served by POST /v1/embeddings under its own name (None: no embeddings).
     allow_lora_updates: POST /v1/load_lora_adapter and /v1/unload_lora_adapter work (when the
     engine serves LoRA adapters); lora_policy says from which folders (by default none: see LoRAPolicy).
@@ -180,15 +182,17 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
     hold no data); off by default, so an exposed server does not advertise every route.
     default_max_tokens: completion tokens for requests that give no max_tokens (None: the rest of the
     context, as OpenAI's API).
+    response_store: where POST /v1/responses keeps responses (None: in memory, gone with the process).
     request_timeout_s: a request still generating this many seconds after it arrived is ended as if it
     had reached max_tokens (finish_reason "length"); None: no limit."""
-    from keel.server import adapters, chat, completions, embeddings  # these import this module
+    from keel.server import adapters, chat, completions, embeddings, responses  # these import this module
 
     aeng = AsyncEngine(engine, max_waiting=max_waiting, num_threads=engine_threads)
     state = ServerState(engine, aeng, served_model_name, api_key or None, system_fingerprint(engine),
                         created_time(engine), allow_lora_updates=allow_lora_updates,
                         limits=limits or ServerLimits(), lora_policy=lora_policy or LoRAPolicy(),
-                        default_max_tokens=default_max_tokens, request_timeout_s=request_timeout_s)
+                        default_max_tokens=default_max_tokens, request_timeout_s=request_timeout_s,
+                        responses=response_store or ResponseStore())
     if embedding_model is not None:
         if embedding_model.name == served_model_name:
             raise ValueError(f"the embedding model and the chat model are both named {served_model_name!r}")
@@ -200,6 +204,7 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
         aeng.shutdown()
         if state.embeddings is not None:
             state.embeddings.shutdown()
+        state.responses.close()
 
     # FastAPI's own /docs and /redoc load their scripts from a CDN (blank offline): keel serves its own
     app = FastAPI(title="keel", version=keel.__version__, lifespan=lifespan, debug=False, docs_url=None,
@@ -213,6 +218,7 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
     v1.include_router(completions.router)
     v1.include_router(adapters.router)
     v1.include_router(embeddings.router)
+    v1.include_router(responses.router)
 
     @v1.get("/models")
     async def list_models(request: Request):

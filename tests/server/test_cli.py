@@ -27,6 +27,8 @@ def serve(monkeypatch, *argv) -> dict:
     monkeypatch.setattr(keel.cli, "_run_uvicorn", run)
     if "--port" not in argv:
         argv = (*argv, "--port", "0")  # whatever is free: 8000 may be taken on this machine
+    if "--state-db" not in argv:
+        argv = (*argv, "--state-db", ":memory:")  # not the user's own state file
     assert main(["serve", *argv]) == 0
     ran["state"] = ran["app"].state.keel
     ran["state"].aeng.shutdown()
@@ -126,7 +128,8 @@ def test_serve_refuses_bad_security_settings(tiny_ckpt, tmp_path, capsys):
 def _start(tiny_ckpt, *extra):
     port = free_port()
     p = subprocess.Popen([sys.executable, "-m", "keel.cli", "serve", tiny_ckpt, "--port", str(port), "--dtype",
-                          "float32", "--no-embedding-model", *extra], stderr=subprocess.PIPE, text=True)
+                          "float32", "--no-embedding-model", "--state-db", ":memory:", *extra],
+                         stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
