@@ -70,3 +70,19 @@ def test_langchain_bind_tools_round_trip_and_structured_output(keel_url):
     raw = json.loads(llm.with_structured_output(City, method="json_mode").invoke(
         "Reply in JSON with keys name and country for a city in Spain.").model_dump_json())
     assert set(raw) == {"name", "country"}
+
+
+def test_litellm_chat_stream_and_tools(keel_url):
+    import litellm
+    common = dict(model=f"openai/{MODEL}", api_base=keel_url, api_key="unused", temperature=0, max_tokens=40)
+    ask = [{"role": "user", "content": "What is the capital of France?"}]
+    r = litellm.completion(messages=ask, **common)
+    assert "Paris" in r.choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in litellm.completion(messages=ask, stream=True, **common))
+    assert streamed == r.choices[0].message.content
+    tool = {"type": "function", "function": {"name": "get_city", "parameters": City.model_json_schema()}}
+    r = litellm.completion(messages=ask, tools=[tool], tool_choice={"type": "function", "function": {"name": "get_city"}},
+                           **{**common, "max_tokens": 80})
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_city"
+    City.model_validate_json(call.function.arguments)

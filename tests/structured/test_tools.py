@@ -264,3 +264,24 @@ def test_streamed_tool_calls_carry_logprobs(server):
     assert all(len(e.top_logprobs) == 2 for e in lps)
     assert args == whole.choices[0].message.tool_calls[0].function.arguments and not args.startswith(" ")
     server.wait_idle()
+
+
+def test_openai_pydantic_function_tool_schemas_are_enforced(server):
+    """openai.pydantic_function_tool writes strict schemas with $defs for nested models."""
+    import openai
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class Address(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        city: str = Field(max_length=16)
+
+    class Greet(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        name: str = Field(max_length=16)
+        address: Address
+
+    tool = openai.pydantic_function_tool(Greet)
+    assert "$defs" in tool["function"]["parameters"]
+    r = server.client().chat.completions.create(model=MODEL, messages=ASK, tools=[tool], max_tokens=120, seed=1,
+                                                tool_choice={"type": "function", "function": {"name": "Greet"}})
+    Greet.model_validate_json(r.choices[0].message.tool_calls[0].function.arguments)
