@@ -47,7 +47,7 @@ class _Stream:
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_waiting: int = 256, num_threads: int | None = None) -> None:
         """num_threads: torch's thread count, set from the engine thread before its first step (see
-        keel.cli.cmd_serve, which loads the model with one thread so that only this thread starts an
+        keel.serve_cli._serve, which loads the model with one thread so that only this thread starts an
         OpenMP pool)."""
         self.engine = engine
         self.num_threads = num_threads

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-import keel.cli
+import keel.serve_cli
 from keel.cli import main
 from tests.server.conftest import MODEL
 
@@ -24,7 +24,7 @@ def serve(monkeypatch, *argv) -> dict:
         sock.close()
         ran.update(app=config.app, host=host, port=port, http=config.http,
                    limit_concurrency=config.limit_concurrency, log_level=config.log_level)
-    monkeypatch.setattr(keel.cli, "_run_uvicorn", run)
+    monkeypatch.setattr(keel.serve_cli, "_run_uvicorn", run)
     if "--port" not in argv:
         argv = (*argv, "--port", "0")  # whatever is free: 8000 may be taken on this machine
     if "--state-db" not in argv:

@@ -139,7 +139,7 @@ def test_cancel_while_the_engine_takes_the_request(tiny_ckpt):
 
 def test_engine_thread_sets_its_thread_count(tiny_ckpt):
     """keel serve loads the model with one torch thread (no OpenMP pool on the main thread) and the
-    engine thread restores the machine's count before its first step (see keel.cli.cmd_serve)."""
+    engine thread restores the machine's count before its first step (see keel.serve_cli._serve)."""
     import torch
     before = torch.get_num_threads()
     torch.set_num_threads(1)
