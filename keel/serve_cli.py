@@ -36,7 +36,7 @@ def add_serve_parser(sub, model_args) -> argparse.ArgumentParser:
                         "(finish_reason 'length'); 0: no limit")
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds requests in flight may take to finish after Ctrl-C or SIGTERM (then they are "
-                        "cancelled); a second Ctrl-C stops at once")
+                        "cancelled); a second Ctrl-C ends them at once")
     s.add_argument("--default-max-tokens", type=int, default=1024,
                    help="completion tokens for a request that sets no max_tokens (0: the rest of the context, "
                         "as OpenAI's API)")
@@ -174,7 +174,7 @@ def _serve(args, sock) -> int:
                             **uvicorn_settings(limits))
     try:
         _run_uvicorn(config, sock)
-    finally:  # also after a second Ctrl-C, when uvicorn skips the app's own shutdown
+    finally:  # also after a third Ctrl-C, when uvicorn skips the app's own shutdown
         app.state.keel.aeng.shutdown()
         if app.state.keel.embeddings is not None:
             app.state.keel.embeddings.shutdown()
@@ -229,16 +229,29 @@ def _bind(host: str, port: int):
 
 def _run_uvicorn(config, sock) -> None:
     """Serve until SIGINT or SIGTERM. The first stops accepting connections and lets requests in flight
-    finish for --shutdown-timeout seconds (then cancels them: their engine requests are aborted); a
-    second Ctrl-C stops at once. uvicorn re-raises the signals it caught once it is done, which would
-    end the process with a KeyboardInterrupt traceback or a SIGTERM death; ignoring them from here on
-    makes the exit a clean 0."""
+    finish for --shutdown-timeout seconds (then uvicorn cancels them: their engine requests are
+    aborted). A second Ctrl-C ends every request in flight at once, as if each had reached max_tokens,
+    so their clients get complete answers and the same clean shutdown follows; a third is uvicorn's
+    own immediate stop. uvicorn re-raises the signals it caught once it is done, which would end the
+    process with a KeyboardInterrupt traceback or a SIGTERM death; ignoring them from here on makes the
+    exit a clean 0."""
     import signal
 
     import uvicorn
+
+    class Server(uvicorn.Server):
+        expired = False
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.should_exit and sig == signal.SIGINT and not self.expired:
+                self.expired = True
+                config.app.state.keel.aeng.expire_all()
+                return
+            super().handle_exit(sig, frame)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)  # what uvicorn restores, and re-raises into, when it is done
-    uvicorn.Server(config).run(sockets=[sock])
+    Server(config).run(sockets=[sock])
 
 
 def _api_key(args) -> str | None:

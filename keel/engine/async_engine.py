@@ -117,6 +117,10 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    def expire_all(self) -> None:
+        """expire() every request in flight (a server asked to stop now)."""
+        self._commands.put(("expire_all",))
+
     def expire(self, request_id: str) -> None:
         """End a request as if it had reached max_tokens (a server-side time limit): its caller gets
         the final output, finish_reason "length"."""
@@ -135,11 +139,12 @@ class AsyncEngine:
             self.engine.abort_request(cmd[1])
             stream = self._streams.pop(cmd[1], None)
             del stream
-        elif kind == "expire":
-            out = self.engine.expire_request(cmd[1])
-            stream = self._streams.pop(cmd[1], None) if out is not None else None
-            if stream is not None:
-                self._deliver(stream, out)
+        elif kind in ("expire", "expire_all"):
+            for rid in [cmd[1]] if kind == "expire" else list(self.engine.groups):
+                out = self.engine.expire_request(rid)
+                stream = self._streams.pop(rid, None) if out is not None else None
+                if stream is not None:
+                    self._deliver(stream, out)
         elif kind == "add":
             _, rid, prompt, params, adapter_id, stream, fut = cmd
             with self._lock:

@@ -162,7 +162,7 @@ def _stream_then_signal(p, port: int, sig) -> None:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 events.append(line[6:])
-            if len(events) == 3:
+            if len(events) == 3 and sent is None:  # once: a second Ctrl-C means "stop now"
                 sent = time.monotonic()
                 p.send_signal(sig)
     assert sent is not None and events[-1] == "[DONE]"  # finished, not cut off
@@ -181,5 +181,32 @@ def test_idle_server_stops_on_sigterm(tiny_ckpt):
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=30) == 0
         assert "Traceback" not in p.stderr.read()
+    finally:
+        p.kill()
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_ends_requests_at_once_and_cleanly(tiny_ckpt):
+    """The second Ctrl-C ends the stream now (finish_reason length, the answer so far), well inside the
+    60 s the first one would have allowed, and the exit is still clean."""
+    p, port = _start(tiny_ckpt, "--shutdown-timeout", "60")
+    try:
+        body = {"model": MODEL, "prompt": "t5 t6", "max_tokens": 250, "ignore_eos": True, "stream": True, "n": 16}
+        events, sent = [], None
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                if len(events) == 4 and sent is None:
+                    sent = time.monotonic()
+                    p.send_signal(signal.SIGINT)
+                    time.sleep(0.2)
+                    p.send_signal(signal.SIGINT)
+        assert events[-1] == "[DONE]" and sum('"finish_reason":"length"' in e for e in events) == 16
+        assert len(events) < 16 * 100  # ended early: all 250 tokens of 16 choices would be ~4000 events
+        rc = p.wait(timeout=30)
+        err = p.stderr.read()
+        assert rc == 0 and "Traceback" not in err and "terminate called" not in err, err
+        assert time.monotonic() - sent < 20
     finally:
         p.kill()
