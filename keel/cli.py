@@ -18,6 +18,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt plus output, in tokens")
     add_quantization_args(p)
+    p.add_argument("--kv-cache-memory-gb", type=float, default=1.0,
+                   help="memory for the KV cache, in GiB (capped by what max-num-seqs full contexts need)")
     p.add_argument("--weight-dtype", choices=["auto", "bfloat16", "model"], default="auto",
                    help="float32 models on CPU: 'auto' keeps the weights a checkpoint stores in bfloat16 in "
                         "bfloat16 (exact, half the memory); 'bfloat16' rounds every dense weight to bfloat16; "
@@ -53,7 +55,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 def _llm(args):
     from keel import LLM
     return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-               quantization=quantization_from_args(args), weight_dtype=args.weight_dtype)
+               quantization=quantization_from_args(args), weight_dtype=args.weight_dtype,
+               kv_cache_memory_gb=args.kv_cache_memory_gb)
 
 
 def _params(args):

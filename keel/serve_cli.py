@@ -112,7 +112,7 @@ def _serve(args, sock) -> int:
     import torch
     import uvicorn
 
-    from keel.config import LoRAConfig, SchedulerConfig
+    from keel.config import CacheConfig, LoRAConfig, SchedulerConfig
     from keel.engine.llm_engine import LLMEngine
     from keel.models.loader import DEFAULT_MODEL_NAME
     from keel.server import create_app
@@ -142,7 +142,8 @@ def _serve(args, sock) -> int:
         torch.set_num_threads(1)
     engine = LLMEngine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                        quantization=quantization_from_args(args), lora=lora, weight_dtype=args.weight_dtype,
-                       scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs))
+                       scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs),
+                       cache=CacheConfig(kv_cache_memory_gb=args.kv_cache_memory_gb))
     name = args.served_model_name
     if not name:
         # a hub id is served under that id; a local folder or file under its own name

@@ -105,8 +105,13 @@ def _compile() -> str | None:
     if os.path.isfile(out):
         return out
     log.info("compiling keel's CPU kernels (once; cached in %s)", _cache_dir())
-    os.makedirs(_cache_dir(), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
+    try:
+        os.makedirs(_cache_dir(), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
+    except OSError as e:  # a read-only home, say: serve with PyTorch's operators rather than not at all
+        log.warning("keel's CPU kernels cannot be cached in %s (%s): using PyTorch's operators; set "
+                    "KEEL_CACHE_DIR to a writable folder to use them", _cache_dir(), e)
+        return None
     os.close(fd)
     try:
         subprocess.run([cc, *FLAGS, *SOURCES, "-o", tmp], check=True, capture_output=True, timeout=120)

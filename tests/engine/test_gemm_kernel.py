@@ -79,3 +79,14 @@ def test_float32_layer_uses_the_kernel_for_few_rows_and_mkl_beyond():
         with torch.inference_mode():
             got = layer(x)
         torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_an_unwritable_kernel_cache_falls_back_instead_of_failing(tmp_path, monkeypatch, caplog):
+    """A cache folder that cannot be created (a read-only home) must not stop keel: no kernels, a warning."""
+    from keel.kernels import cpu
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("KEEL_CACHE_DIR", str(blocker / "below-a-file"))
+    with caplog.at_level("WARNING", logger="keel"):
+        assert cpu._compile() is None
+    assert "cannot be cached" in caplog.text and "KEEL_CACHE_DIR" in caplog.text

@@ -38,7 +38,7 @@ def serve(monkeypatch, *argv) -> dict:
 def test_serve_arguments(tiny_ckpt, monkeypatch, capsys):
     monkeypatch.setenv("KEEL_API_KEY", "from-env")
     ran = serve(monkeypatch, tiny_ckpt, "--port", str(free_port()), "--max-num-seqs", "3", "--max-waiting", "5",
-                "--max-model-len", "128", "--dtype", "float32")
+                "--max-model-len", "128", "--dtype", "float32", "--kv-cache-memory-gb", "0.001")
     state = ran["state"]
     assert ran["host"] == "127.0.0.1" and ran["log_level"] == "info"  # serve logs requests by default
     summary = capsys.readouterr().err
@@ -47,7 +47,7 @@ def test_serve_arguments(tiny_ckpt, monkeypatch, capsys):
     assert state.served_model_name == MODEL  # the folder's name
     assert state.api_key == "from-env"
     assert state.aeng.max_waiting == 5 and state.engine.scheduler_config.max_num_seqs == 3
-    assert state.engine.max_model_len == 128
+    assert state.engine.max_model_len == 128 and state.engine.cache_config.kv_cache_memory_gb == 0.001
 
     monkeypatch.delenv("KEEL_API_KEY")
     state = serve(monkeypatch, "--model", tiny_ckpt, "--served-model-name", "my-model", "--host", "0.0.0.0",
