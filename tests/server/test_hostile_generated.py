@@ -34,6 +34,7 @@ BASES = {
     "/v1/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "t10 t11"}], "max_tokens": 4},
     "/v1/completions": {"model": MODEL, "prompt": "t10 t11", "max_tokens": 4},
     "/v1/embeddings": {"model": EMB, "input": "some text"},
+    "/v1/responses": {"model": MODEL, "input": "t10 t11", "max_output_tokens": 4},
     "/v1/load_lora_adapter": {"lora_name": "gen", "lora_path": "nowhere"},
     "/v1/unload_lora_adapter": {"lora_name": "gen"},
 }
@@ -43,6 +44,9 @@ FIELDS = {
     "/v1/chat/completions": SAMPLING + ["messages", "logprobs", "top_logprobs", "response_format", "tools", "tool_choice"],
     "/v1/completions": SAMPLING + ["prompt", "echo", "logprobs"],
     "/v1/embeddings": ["model", "input", "dimensions", "encoding_format", "truncation", "user", "unknown_field"],
+    "/v1/responses": ["model", "input", "instructions", "tools", "tool_choice", "text", "max_output_tokens",
+                      "temperature", "top_p", "stream", "store", "previous_response_id", "top_logprobs",
+                      "unknown_field"],
     "/v1/load_lora_adapter": ["lora_name", "lora_path", "load_inplace", "unknown_field"],
     "/v1/unload_lora_adapter": ["lora_name", "lora_int_id", "unknown_field"],
 }
@@ -76,7 +80,10 @@ def check_answer(r, route: str) -> None:
     if r.status_code >= 400:
         check_4xx(r)
     elif r.headers.get("content-type", "").startswith("text/event-stream"):
-        assert r.text.endswith("data: [DONE]\n\n")
+        if route == "/v1/responses":  # typed events, no [DONE]: the last says how it ended
+            assert r.text.rstrip().splitlines()[-2] in ("event: response.completed", "event: response.incomplete")
+        else:
+            assert r.text.endswith("data: [DONE]\n\n")
     elif "json" in r.headers.get("content-type", ""):
         r.json()
 
