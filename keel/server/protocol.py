@@ -41,12 +41,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class _HostedOnly(_Strict):
+    """Fields every generation endpoint accepts and ignores (see HOSTED_ONLY_FIELDS)."""
+    store: Any = None
+    metadata: Any = None
+    service_tier: Any = None
+    user: Any = None
+    safety_identifier: Any = None
+    prompt_cache_key: Any = None
+    prompt_cache_retention: Any = None
+    prompt_cache_options: Any = None
+
+
 class StreamOptions(_Strict):
     include_usage: bool | None = False
     include_obfuscation: bool | None = None  # we never add obfuscation padding; accepted for clients that send it
 
 
-class _SamplingFields(_Strict):
+class _SamplingFields(_HostedOnly):
     """Fields shared by chat and completions. Ranges follow the OpenAI reference where it has one."""
     model: str
     n: int | None = Field(1, ge=1, le=128)
@@ -68,15 +80,6 @@ class _SamplingFields(_Strict):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = False
     skip_special_tokens: bool | None = True
-    # hosted-only, ignored
-    store: Any = None
-    metadata: Any = None
-    service_tier: Any = None
-    user: Any = None
-    safety_identifier: Any = None
-    prompt_cache_key: Any = None
-    prompt_cache_retention: Any = None
-    prompt_cache_options: Any = None
 
     @field_validator("stop")
     @classmethod

@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from keel.server.body import documented
 from keel.server.chat import _last, _prepare, visible_logprobs
+from keel.server.chat import _logprobs as chat_logprobs
 from keel.server.errors import APIError, from_exception, shown
 from keel.server.responses_items import (ResponsesRequest, call_item, chat_request, history_after, message_item,
                                          new_id, output_items)
@@ -71,9 +72,8 @@ def _finish(resp: dict, output: list[dict], final, fingerprint: str) -> dict:
 
 
 def _logprobs(o, include_stop: bool, start: int = 0) -> list[dict]:
-    return [{"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.token.encode("utf-8")),
-             "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode("utf-8"))} for _, t, v in lp.top]}
-            for lp in visible_logprobs(o, include_stop)[start:]]
+    """The output's logprobs from `start` on, as the chat endpoint writes them (the same entries)."""
+    return chat_logprobs(visible_logprobs(o, include_stop)[start:])["content"]
 
 
 @router.post("/responses", openapi_extra=documented(ResponsesRequest))

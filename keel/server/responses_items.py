@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from keel.server.protocol import ChatCompletionRequest, RequestError, _Strict
+from keel.server.protocol import ChatCompletionRequest, RequestError, _HostedOnly
 
 HOSTED_TOOLS = ("web_search", "web_search_preview", "file_search", "computer_use_preview", "computer_use",
                 "code_interpreter", "mcp", "image_generation", "local_shell", "shell", "apply_patch", "custom")
@@ -28,7 +28,7 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-class ResponsesRequest(_Strict):
+class ResponsesRequest(_HostedOnly):
     model: str
     input: str | list[dict[str, Any]] = Field(min_length=1)
     instructions: str | None = None
@@ -51,14 +51,7 @@ class ResponsesRequest(_Strict):
     conversation: Any = None
     prompt: Any = None
     max_tool_calls: int | None = Field(None, ge=1)
-    # accepted and ignored, as on chat (hosted-service settings that do not change tokens)
-    metadata: Any = None
-    user: Any = None
-    safety_identifier: Any = None
-    prompt_cache_key: Any = None
-    prompt_cache_retention: Any = None
-    service_tier: Any = None
-    reasoning: Any = None
+    reasoning: Any = None  # accepted and ignored: keel's models have no reasoning settings
 
     @model_validator(mode="after")
     def _unsupported(self):

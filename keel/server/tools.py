@@ -195,8 +195,12 @@ def _without_open_block(text: str) -> str:
     last = text.rfind(OPEN)
     if last >= 0 and text.find(CLOSE, last) < 0:
         return text[:last]
-    partial = next((k for k in range(min(len(OPEN) - 1, len(text)), 0, -1) if text.endswith(OPEN[:k])), 0)
-    return text[:len(text) - partial]
+    return text[:len(text) - _open_prefix_at_end(text)]
+
+
+def _open_prefix_at_end(text: str, start: int = 0) -> int:
+    """Length of the longest end of text[start:] that could be the start of OPEN (0: none)."""
+    return next((k for k in range(min(len(OPEN) - 1, len(text) - start), 0, -1) if text.endswith(OPEN[:k])), 0)
 
 
 def _call_from(body: str, names: set[str]) -> dict | None:
@@ -233,8 +237,7 @@ class ToolCallStream:
             if not self.in_call:
                 i = self.buf.find(OPEN, self.pos)
                 if i < 0:
-                    hold = next((k for k in range(min(len(OPEN) - 1, len(self.buf) - self.pos), 0, -1)
-                                 if self.buf.endswith(OPEN[:k])), 0)
+                    hold = _open_prefix_at_end(self.buf, self.pos)
                     self._content(out, len(self.buf) - hold)
                     return out
                 self._content(out, i, strip=True)
@@ -258,8 +261,7 @@ class ToolCallStream:
         else:
             end = len(self.buf)
             if cut:
-                end -= next((k for k in range(min(len(OPEN), end - self.pos), 0, -1)
-                             if self.buf.endswith(OPEN[:k])), 0)
+                end -= _open_prefix_at_end(self.buf, self.pos)
             self._content(out, end)
         self.pos = len(self.buf)
         return out

@@ -118,3 +118,16 @@ def test_delete_then_404_and_stored_responses_survive_a_restart(live, tiny_ckpt)
         assert c.responses.retrieve(kept.id).output_text == kept.output_text
         follow = c.responses.create(model=MODEL, input="t13", previous_response_id=kept.id, max_output_tokens=3)
         assert follow.usage.input_tokens > kept.usage.input_tokens
+
+
+def test_top_logprobs_in_the_output_text_and_its_deltas(live):
+    client = live.client()
+    kw = dict(model=MODEL, input="t10 t11", max_output_tokens=5, temperature=0, top_logprobs=2)
+    whole = client.responses.create(**kw)
+    lps = whole.output[0].content[0].logprobs
+    assert len(lps) == whole.usage.output_tokens and all(len(lp.top_logprobs) == 2 for lp in lps)
+    # the tiny WordLevel tokenizer decodes tokens one by one without their spaces
+    assert "".join(lp.token for lp in lps) == whole.output_text.replace(" ", "")
+    streamed = [lp for e in client.responses.create(**kw, stream=True) if e.type == "response.output_text.delta"
+                for lp in e.logprobs]
+    assert [lp.token for lp in streamed] == [lp.token for lp in lps]
