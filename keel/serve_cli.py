@@ -126,6 +126,7 @@ def _serve(args, sock) -> int:
                           lora_dtype=args.lora_dtype)
     adapters = [_lora_arg(spec) for spec in args.lora or []]  # bad syntax fails before the model loads
     api_key = _api_key(args)
+    store = ResponseStore(args.state_db or default_state_path())  # an unusable one fails before the model loads
     limits = ServerLimits(max_request_bytes=args.max_request_bytes, body_timeout_s=args.body_timeout,
                           header_timeout_s=args.header_timeout, max_connections=args.max_connections or None,
                           max_embedding_inputs=args.max_embedding_inputs)
@@ -169,7 +170,7 @@ def _serve(args, sock) -> int:
                      lora_policy=LoRAPolicy(roots=roots, show_paths=args.show_lora_paths),
                      default_max_tokens=args.default_max_tokens or None,
                      request_timeout_s=args.request_timeout or None,
-                     response_store=ResponseStore(args.state_db or default_state_path()))
+                     response_store=store)
     print(_summary(engine, name, embedder, sock, args), file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level=args.log_level.lower(), timeout_graceful_shutdown=args.shutdown_timeout,
                             **uvicorn_settings(limits))

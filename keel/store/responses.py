@@ -13,6 +13,8 @@ import sqlite3
 import threading
 import time
 
+from keel.errors import KeelError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
     id TEXT PRIMARY KEY,
@@ -37,14 +39,17 @@ class ResponseStore:
     def __init__(self, path: str = ":memory:") -> None:
         """path: the database file (created with its folder), or ":memory:" for a store that ends with
         the process."""
-        if path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
         self._lock = threading.Lock()  # one connection, used from worker threads one at a time
-        self._db = sqlite3.connect(path, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL" if path != ":memory:" else "PRAGMA journal_mode=MEMORY")
-        self._db.execute(SCHEMA)
-        self._db.commit()
+        try:
+            if path != ":memory:":
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL" if path != ":memory:" else "PRAGMA journal_mode=MEMORY")
+            self._db.execute(SCHEMA)
+            self._db.commit()
+        except (OSError, sqlite3.Error) as e:  # unwritable folder, a file that is no SQLite database
+            raise KeelError(f"the state database {path} cannot be opened: {e}") from None
 
     def put(self, response: dict, input_items: list[dict], conversation: list[dict]) -> None:
         with self._lock:

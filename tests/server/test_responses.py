@@ -131,3 +131,17 @@ def test_top_logprobs_in_the_output_text_and_its_deltas(live):
     streamed = [lp for e in client.responses.create(**kw, stream=True) if e.type == "response.output_text.delta"
                 for lp in e.logprobs]
     assert [lp.token for lp in streamed] == [lp.token for lp in lps]
+
+
+def test_an_unusable_state_database_is_a_clean_error(tmp_path, tiny_ckpt, capsys):
+    from keel.cli import main
+    from keel.errors import KeelError
+    not_sqlite = tmp_path / "junk.sqlite3"
+    not_sqlite.write_bytes(b"this is not a database" * 100)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for path in (str(not_sqlite), str(blocker / "below" / "state.sqlite3")):
+        with pytest.raises(KeelError, match="cannot be opened"):
+            ResponseStore(path)
+        assert main(["serve", tiny_ckpt, "--port", "0", "--state-db", path, "--no-embedding-model"]) == 2
+        assert "state database" in capsys.readouterr().err
