@@ -163,6 +163,7 @@ def test_deeply_nested_tool_arguments_are_served(http):
 
 
 # -- 4. heavy work stays off the event loop ---------------------------------------------------------
+@pytest.mark.slow  # waits on purpose (timeouts, a slow client, a 5 MB prompt)
 def test_health_answers_while_a_5mb_prompt_is_tokenized(srv):
     big = chat_body(" ".join(["t7"] * (5 * 2**20 // 3)))  # 5 MB of text, ~1.7 M tokens
     done = threading.Event()

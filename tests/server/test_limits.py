@@ -60,6 +60,7 @@ def test_a_streamed_body_over_the_limit_is_a_413(srv):
     check_whole(srv)
 
 
+@pytest.mark.slow  # waits on purpose (timeouts, a slow client, a 5 MB prompt)
 def test_a_body_that_stalls_is_a_408(srv):
     with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -82,6 +83,7 @@ def _closed_by_server(sock: socket.socket, within: float) -> bool:
         return False
 
 
+@pytest.mark.slow  # waits on purpose (timeouts, a slow client, a 5 MB prompt)
 def test_unfinished_headers_are_cut_off(srv):
     """50 slowloris connections: each sends half a request head and stops; all are closed once the
     header timeout passes, and the server answers others meanwhile."""
@@ -98,6 +100,7 @@ def test_unfinished_headers_are_cut_off(srv):
             s.close()
 
 
+@pytest.mark.slow  # waits on purpose (timeouts, a slow client, a 5 MB prompt)
 def test_idle_then_unfinished_second_request_is_cut_off(srv):
     """The timer starts again after each response: a kept-alive connection cannot stall either."""
     with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
@@ -129,6 +132,7 @@ def test_connections_past_the_limit_get_503(tiny_ckpt, tmp_path):
         check_whole(s)
 
 
+@pytest.mark.slow  # waits on purpose (timeouts, a slow client, a 5 MB prompt)
 @needs_builtin
 def test_embedding_work_stops_when_the_client_leaves(srv, monkeypatch):
     """A 64-input request made slow (0.2 s a batch of one): the client leaves after ~1 s; the model
