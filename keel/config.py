@@ -18,15 +18,21 @@ class CacheConfig:
     """Tokens per KV-cache block."""
     num_blocks: int | None = None
     """Blocks in the KV cache; None sizes the cache from kv_cache_memory_gb."""
-    kv_cache_memory_gb: float = 1.0
-    """Memory given to the KV cache when num_blocks is None (capped by what max_num_seqs full contexts need)."""
+    kv_cache_memory_gb: float | None = None
+    """Memory given to the KV cache when num_blocks is None (capped by what max_num_seqs full contexts
+    need); None: sized from what the machine has (see keel.engine.memory)."""
     enable_prefix_caching: bool = True
     """Reuse the KV blocks of identical prompt prefixes."""
+    gpu_memory_utilization: float = 0.9
+    """On a GPU with kv_cache_memory_gb None: the share of its memory keel may fill, weights included."""
 
     def __post_init__(self) -> None:
         _check(self.block_size > 0, "block_size", self.block_size, "must be > 0")
         _check(self.num_blocks is None or self.num_blocks > 0, "num_blocks", self.num_blocks, "must be > 0")
-        _check(self.kv_cache_memory_gb > 0, "kv_cache_memory_gb", self.kv_cache_memory_gb, "must be > 0")
+        _check(self.kv_cache_memory_gb is None or self.kv_cache_memory_gb > 0, "kv_cache_memory_gb",
+               self.kv_cache_memory_gb, "must be > 0")
+        _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", self.gpu_memory_utilization,
+               "must be in (0, 1]")
 
 
 @dataclass
@@ -55,9 +61,10 @@ class LoRAConfig:
     check_base_model: bool = True
     """Refuse an adapter whose adapter_config.json names a clearly different base model."""
     lora_dtype: str = "auto"
-    """How resident and host-memory adapter weights are stored: "auto" is bfloat16 where keel's CPU
-    kernel runs a float32 model (half the bytes each step streams; exact for adapters saved in
-    bfloat16, others are rounded to it), else the model's dtype; or "float32" / "bfloat16" / "float16"."""
+    """How resident and host-memory adapter weights are stored: "auto" is the model's dtype (under a
+    float32 model every adapter keeps every bit, whatever it was saved in); "bfloat16" under a float32
+    model where keel's CPU kernel runs halves the bytes each step streams, exact for adapters saved in
+    bfloat16 and rounding the others (opt-in); or "float32" / "float16"."""
 
     def __post_init__(self) -> None:
         _check(self.max_loras > 0, "max_loras", self.max_loras, "must be > 0")

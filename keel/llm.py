@@ -19,10 +19,12 @@ from keel.sampling_params import SamplingParams
 class LLM:
     def __init__(self, model: str | None = None, dtype=None, *, device: str | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 block_size: int = 16, num_blocks: int | None = None, kv_cache_memory_gb: float = 1.0,
+                 block_size: int = 16, num_blocks: int | None = None, kv_cache_memory_gb: float | None = None,
                  enable_prefix_caching: bool = True, quantization=None, enable_lora: bool = False,
                  max_loras: int = 8, max_lora_rank: int = 16, max_cpu_loras: int | None = None,
-                 lora_dtype: str = "auto", weight_dtype: str = "auto") -> None:
+                 lora_dtype: str = "auto", weight_dtype: str = "auto", kernels: str | None = None,
+                 cpu_isa: str | None = None, batch_invariant: bool = True,
+                 gpu_memory_utilization: float = 0.9) -> None:
         """quantization: "int8" or "int4" quantizes the weights as they load (or a keel.quant.QuantConfig
         for the int4 group size, or to quantize the embedding and output head too); "gguf" keeps a GGUF
         file's blocks (its default on CPU), "none" dequantizes them.
@@ -31,11 +33,17 @@ class LLM:
         kernels compute in float32), "bfloat16" rounds every one to it, "model" keeps the model dtype.
         enable_lora: serve LoRA adapters (generate's lora_request), at most max_loras in one step, of rank
         up to max_lora_rank, max_cpu_loras of them kept loaded in memory, stored as lora_dtype (see
-        keel.config.LoRAConfig)."""
+        keel.config.LoRAConfig).
+        kv_cache_memory_gb: the KV cache's memory (None: a quarter of the available RAM on a CPU,
+        gpu_memory_utilization of a GPU's, capped by what max_num_seqs full contexts need).
+        kernels ("auto", "keel", "torch"), cpu_isa ("auto", "avx2", "avx512"): force which code computes
+        the layers (keel.kernels.backend); batch_invariant=False trades a request's independence from its
+        batch for faster long prefills."""
         self.engine = LLMEngine(
             model, dtype=dtype, device=device, max_model_len=max_model_len, quantization=quantization,
-            weight_dtype=weight_dtype,
-            cache=CacheConfig(block_size, num_blocks, kv_cache_memory_gb, enable_prefix_caching),
+            weight_dtype=weight_dtype, kernels=kernels, cpu_isa=cpu_isa, batch_invariant=batch_invariant,
+            cache=CacheConfig(block_size, num_blocks, kv_cache_memory_gb, enable_prefix_caching,
+                              gpu_memory_utilization),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
             lora=LoRAConfig(max_loras, max_lora_rank, max_cpu_loras, lora_dtype=lora_dtype) if enable_lora else None)
         self.tokenizer = self.engine.tokenizer

@@ -65,8 +65,8 @@ def add_serve_parser(sub, model_args) -> argparse.ArgumentParser:
     lo.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept loaded in host memory (default: --max-loras)")
     lo.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank accepted")
     lo.add_argument("--lora-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                    help="how adapter weights are stored (auto: bfloat16 under a float32 model on a CPU with "
-                         "keel's kernel, else the model's dtype)")
+                    help="how adapter weights are stored (auto: the model's dtype, so a float32-saved adapter "
+                         "keeps every bit under a float32 model; bfloat16: half the bytes, rounding float32 ones)")
     lo.add_argument("--no-lora-updates", action="store_true",
                     help="turn off POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
     lo.add_argument("--allowed-lora-path", action="append", metavar="DIR",
@@ -144,7 +144,9 @@ def _serve(args, sock) -> int:
     engine = LLMEngine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                        quantization=quantization_from_args(args), lora=lora, weight_dtype=args.weight_dtype,
                        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs),
-                       cache=CacheConfig(kv_cache_memory_gb=args.kv_cache_memory_gb))
+                       cache=CacheConfig(kv_cache_memory_gb=args.kv_cache_memory_gb,
+                                         gpu_memory_utilization=args.gpu_memory_utilization),
+                       kernels=args.kernels, cpu_isa=args.cpu_isa, batch_invariant=args.batch_invariant)
     name = args.served_model_name
     if not name:
         # a hub id is served under that id; a local folder or file under its own name
@@ -186,11 +188,9 @@ def _serve(args, sock) -> int:
 def _summary(engine, name: str, embedder, sock, args) -> str:
     """What is being served, how, and where: printed once the socket is bound and the model loaded."""
     import keel
-    from keel.kernels.cpu import kernels
     host, port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if ":" in host else host
-    on_cpu = engine.device.type == "cpu"
-    kernel = ("keel's CPU kernels" if kernels() is not None else "PyTorch's operators") if on_cpu else "PyTorch"
+    kernel = engine.backend.describe().split(", ", 2)[-1]
     quant = engine.quantization.describe() if engine.quantization else "none"
     weights = engine.weight_bytes()["total"] / 1e6
     tokens = engine.num_blocks * engine.cache_config.block_size
@@ -198,8 +198,10 @@ def _summary(engine, name: str, embedder, sock, args) -> str:
              f"  model       {engine.model_path}",
              f"  compute     {engine.device.type}, {str(engine.dtype).removeprefix('torch.')}, {kernel}",
              f"  weights     {weights:.0f} MB, quantization: {quant}",
-             f"  KV cache    {tokens} tokens ({engine.num_blocks} blocks of {engine.cache_config.block_size}); "
-             f"context {engine.max_model_len}, up to {engine.scheduler_config.max_num_seqs} sequences at once"]
+             f"  KV cache    {tokens} tokens ({engine.num_blocks} blocks of {engine.cache_config.block_size}; "
+             f"{engine.kv_cache_sized}); context {engine.max_model_len}, up to "
+             f"{engine.scheduler_config.max_num_seqs} sequences at once"]
+    lines += [f"  {'kernels' if i == 0 else '':<11} {kind}: {impl}" for i, (kind, impl) in enumerate(engine.backend.table().items())]
     if engine.lora is not None:
         lines.append(f"  adapters    {len(engine.list_loras())} registered, {engine.lora.config.max_loras} resident at once")
     if embedder is not None:

@@ -9,7 +9,6 @@ from keel.errors import InvalidRequestError
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-_chosen: dict[str, torch.dtype] = {}
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -45,13 +44,13 @@ BF16_CPU_FLAGS = {"amx_bf16", "avx512_bf16"}
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on GPUs that have it, else float16. On a CPU, bfloat16 where it has bfloat16 matmul
-    instructions (AMX, AVX512-BF16), else float32: on a plain AVX2 CPU bf16 F.linear is 1.3x slower at
-    one row and 4-7x slower at 16 (bench/results/kernels.md). Decided by the CPU's flags, never by a
-    timing, so the same machine always runs the same dtype and gives the same tokens, under any load."""
+    """bfloat16 on GPUs that have it, else float16. On every CPU, float32: activations in bfloat16
+    round every layer's output to 8 bits of mantissa, which changed greedy answers (a quantized
+    SmolLM2 answered "What is the capital of France?" with nonsense in bf16, correctly in float32) and
+    made seeded sampling depend on the batch. keel's CPU kernels read bfloat16 or quantized weights as
+    stored and compute in float32, so the memory saving stays without the rounding; bfloat16
+    activations are an opt-in (dtype="bfloat16"). The same on every CPU, so a model gives the same
+    tokens on an AVX2 laptop and an AVX-512 server."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    key = str(device)
-    if key not in _chosen:
-        _chosen[key] = torch.bfloat16 if cpu_flags() & BF16_CPU_FLAGS else torch.float32
-    return _chosen[key]
+    return torch.float32

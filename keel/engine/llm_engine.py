@@ -44,16 +44,17 @@ class _Group:
 WEIGHT_DTYPES = ("auto", "bfloat16", "model")
 
 
-def default_gguf_quantization(ckpt, device: torch.device, dtype: torch.dtype):
+def default_gguf_quantization(ckpt, device: torch.device, dtype: torch.dtype, backend=None):
     """A GGUF file's weights in Q4_0/Q4_1/Q8_0 blocks are served as they are (QuantConfig("gguf")) on a
     CPU where keel's kernels compute a float32 model with them: what llama.cpp and Ollama users expect,
     the file's weights exactly (scales and zeros kept in float16), a quarter to a sixth of the memory of
     dequantized float32, and faster decoding (bench/results/decode.md). Elsewhere (GPUs, bfloat16, no
     kernels) the blocks are dequantized as before. None: dequantize."""
-    from keel.kernels.cpu import kernels
+    from keel.kernels.backend import default_backend
     from keel.quant.config import QuantConfig
     from keel.quant.gguf_blocks import DIRECT_TYPES
-    if not ckpt.tensor_types or device.type != "cpu" or dtype != torch.float32 or kernels() is None:
+    backend = backend or default_backend(device)
+    if not ckpt.tensor_types or device.type != "cpu" or dtype != torch.float32 or backend.cpu_kernels() is None:
         return None
     if not any(t in DIRECT_TYPES for t in ckpt.tensor_types.values()):
         return None
@@ -64,13 +65,16 @@ class LLMEngine:
     def __init__(self, model: str | None = None, *, dtype=None, device: str | None = None,
                  cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None,
                  max_model_len: int | None = None, quantization=None, lora: LoRAConfig | None = None,
-                 weight_dtype: str = "auto") -> None:
+                 weight_dtype: str = "auto", kernels: str | None = None, cpu_isa: str | None = None,
+                 batch_invariant: bool = True) -> None:
         """quantization: "int8", "int4" or a keel.quant.QuantConfig (weight-only, at load; a checkpoint
         written by `keel quantize` is quantized already and needs none); "gguf" keeps a GGUF file's
         Q4_0/Q4_1/Q8_0 blocks as they are, "none" dequantizes them; None: "gguf" for a GGUF file with such
         blocks where keel's CPU kernels serve a float32 model (see default_gguf_quantization), else none.
         lora: serve LoRA adapters (see add_lora); None: base model only.
-        weight_dtype: "auto", "bfloat16" or "model": see keel.LLM."""
+        weight_dtype: "auto", "bfloat16" or "model": see keel.LLM.
+        kernels ("auto", "keel", "torch"), cpu_isa ("auto", "avx2", "avx512"), batch_invariant: which code
+        computes each layer, chosen once here (keel.kernels.backend)."""
         if weight_dtype not in WEIGHT_DTYPES:
             raise InvalidRequestError(f"weight_dtype={weight_dtype!r} is invalid: use one of {', '.join(WEIGHT_DTYPES)}")
         self.weight_dtype = weight_dtype
@@ -80,12 +84,14 @@ class LLMEngine:
             # slower; flushing them to zero changes results by less than float32 rounding does.
             torch.set_flush_denormal(True)
         self.dtype = parse_dtype(dtype, self.device)
+        from keel.kernels.backend import choose
+        self.backend = choose(self.device, self.dtype, kernels, cpu_isa, batch_invariant)
         auto_quantization = quantization is None
         quantization = parse_quantization(quantization)
         self.model_path = resolve_model(model)
         ckpt = open_checkpoint(self.model_path)
         if auto_quantization:
-            quantization = default_gguf_quantization(ckpt, self.device, self.dtype)
+            quantization = default_gguf_quantization(ckpt, self.device, self.dtype, self.backend)
         self.model_name = DEFAULT_MODEL_NAME if model is None else ckpt.name
         self.model_config = cfg = ckpt.config
         self.tokenizer = ckpt.tokenizer
@@ -99,22 +105,26 @@ class LLMEngine:
             if max_model_len > limit:
                 raise InvalidRequestError(f"max_model_len={max_model_len} is over this model's limit of {limit}")
             limit = max_model_len
+        self.model = build_model(ckpt, self.dtype, self.device, limit, quantization)
+        self.quantization = resolve_quantization(ckpt.quantization, quantization, ckpt.name)
+        self.model.prepare(self.backend, weight_dtype)
+
         per_token = ModelRunner.kv_bytes_per_token(cfg, self.dtype)
-        num_blocks = cache.num_blocks
+        num_blocks, sized = cache.num_blocks, f"num_blocks={cache.num_blocks}"
         if num_blocks is None:
-            by_memory = int(cache.kv_cache_memory_gb * 2**30) // (per_token * cache.block_size)
+            from keel.engine.memory import kv_cache_bytes
+            budget, sized = kv_cache_bytes(cache, self.device)
+            by_memory = budget // (per_token * cache.block_size)
             needed = sched_cfg.max_num_seqs * -(-limit // cache.block_size)
             num_blocks = max(1, min(by_memory, needed))
+            if by_memory >= needed:
+                sized += f", capped at what {sched_cfg.max_num_seqs} full contexts need"
         # A single request must always fit in the cache, or preemption could never make room for it.
         self.max_model_len = min(limit, num_blocks * cache.block_size)
         sched_cfg.max_model_len = self.max_model_len
         self.num_blocks = num_blocks
+        self.kv_cache_sized = sized
         self.scheduler_config = sched_cfg
-
-        self.model = build_model(ckpt, self.dtype, self.device, self.max_model_len, quantization)
-        self.quantization = resolve_quantization(ckpt.quantization, quantization, ckpt.name)
-        if self.device.type == "cpu":
-            self.model.pack_for_cpu(weight_dtype)
         self.lora = None
         if lora is not None:
             from keel.lora.manager import LoRAManager
@@ -129,6 +139,12 @@ class LLMEngine:
         log.info("loaded %s (%s, %s%s): %d KV blocks of %d tokens, max_model_len %d", self.model_name,
                  self.device, self.dtype, f", {self.quantization.describe()}" if self.quantization else "",
                  num_blocks, cache.block_size, self.max_model_len)
+        log.info("KV cache: %d tokens, %.0f MiB (%s): %d full-length sequences fit", num_blocks * cache.block_size,
+                 num_blocks * cache.block_size * per_token / 2**20, sized,
+                 num_blocks * cache.block_size // self.max_model_len)
+        log.info("kernels: %s", self.backend.describe())
+        for kind, impl in self.backend.table().items():
+            log.info("  %-14s %s", kind, impl)
 
     def weight_bytes(self) -> dict[str, int]:
         """Bytes of model weights held in memory: "total", and by part ("projections", "embedding",

@@ -25,6 +25,8 @@ class ModelRunner:
             attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
             self.kv_caches += [attn.k_cache, attn.v_cache]
             attn.use_own_kernel()
+        if hasattr(model, "build_decode_stack"):
+            model.build_decode_stack()  # weights, adapters' stacks and caches are final from here on
         self.sampler = Sampler(device)
 
     def _lora_order(self, sched: SchedulerOutput):
@@ -43,7 +45,7 @@ class ModelRunner:
         for s in order:
             if s.request.adapter_id is not None:
                 counts[plan.positions[s.request.adapter_id]] += s.num_tokens
-        return order, LoRAMetadata.build(counts, plan.groups, self.device, self.lora.costs)
+        return order, LoRAMetadata.build(counts, plan.groups, self.device, self.lora.costs, self.lora.kernel_max_rows)
 
     @staticmethod
     def kv_bytes_per_token(cfg, dtype: torch.dtype) -> int:

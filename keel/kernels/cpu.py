@@ -7,8 +7,10 @@ in, is faster (bench/results/cpu_kernels.md). PyTorch's weight-only CPU operator
 _weight_int4pack_mm_for_cpu) have a fast path only for bfloat16 activations, so a float32 model had to
 round its activations around them, and bfloat16 F.linear on a CPU without bf16 instructions is slower
 than float32. The C files are compiled with the system's C compiler at first use (a few seconds) into
-a cache folder and loaded with ctypes; without a compiler, AVX2 or FMA, `kernels()` is None and the
-layers keep PyTorch's operators. KEEL_NO_CPU_KERNELS=1 turns them off.
+a cache folder and loaded with ctypes, one build per ISA variant (AVX2, AVX-512), probed against
+PyTorch before use; without a compiler, AVX2 or FMA, `kernels()` is None and the layers keep PyTorch's
+operators. Which build (or none) an engine uses is decided once, by keel.kernels.backend.
+KEEL_NO_CPU_KERNELS=1 turns them off.
 """
 
 from __future__ import annotations
@@ -74,7 +76,20 @@ def lin(fmt: int, w: torch.Tensor, scale: torch.Tensor | None = None, zero: torc
                          lora._rank_table.data_ptr(), lora._scale_table.data_ptr(), len(lora._out_sizes),
                          a.shape[1] // len(lora._out_sizes), a.shape[0], int(a.dtype == torch.bfloat16))
     return Lin(fmt, sdtype, group, w.shape[0], k, w.data_ptr(), ptr(scale), ptr(zero), ptr(bias), adapters)
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-lm"]
+# Compiler flags per ISA variant. The same sources build both: the AVX-512 build lets the compiler use
+# EVEX encodings and 32 vector registers (the kernels' intrinsics are 256-bit); the variants are kept
+# apart so that a later 512-bit or VNNI kernel lands in one without touching the other.
+COMMON_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-lm"]
+ISA_FLAGS = {
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+}
+# The CPU flags (as /proc/cpuinfo names them) each variant needs, best first.
+ISA_NEEDS = {
+    "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"},
+    "avx2": {"avx2", "fma", "f16c"},
+}
+FLAGS = COMMON_FLAGS + ISA_FLAGS["avx2"]  # kept for callers that name the default build
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -84,27 +99,31 @@ def _cache_dir() -> str:
     return os.path.join(base, "kernels")
 
 
-def _supported() -> bool:
-    if os.environ.get("KEEL_NO_CPU_KERNELS") or sys.platform != "linux":
-        return False
-    from keel.engine.device import cpu_flags
-    return {"avx2", "fma", "f16c"} <= cpu_flags()
+def runnable_isas(flags: set[str] | None = None) -> list[str]:
+    """The ISA variants of keel's kernels this CPU can run, best first (none off Linux)."""
+    if sys.platform != "linux":
+        return []
+    if flags is None:
+        from keel.engine.device import cpu_flags
+        flags = cpu_flags()
+    return [isa for isa, needs in ISA_NEEDS.items() if needs <= flags]
 
 
-def _compile() -> str | None:
+def _compile(isa: str = "avx2") -> str | None:
     src = b""
     for path in SOURCES + [HEADER]:
         with open(path, "rb") as f:
             src += f.read()
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        log.info("no C compiler: keel's CPU kernels are off")
+        log.warning("no C compiler (cc, gcc or $CC): keel's CPU kernels are off, PyTorch's operators serve")
         return None
-    tag = hashlib.blake2b(src + " ".join([cc, *FLAGS]).encode(), digest_size=8).hexdigest()
-    out = os.path.join(_cache_dir(), f"keel_cpu-{tag}.so")
+    flags = COMMON_FLAGS + ISA_FLAGS[isa]
+    tag = hashlib.blake2b(src + " ".join([cc, *flags]).encode(), digest_size=8).hexdigest()
+    out = os.path.join(_cache_dir(), f"keel_cpu-{isa}-{tag}.so")
     if os.path.isfile(out):
         return out
-    log.info("compiling keel's CPU kernels (once; cached in %s)", _cache_dir())
+    log.info("compiling keel's CPU kernels for %s (once; cached in %s)", isa, _cache_dir())
     try:
         os.makedirs(_cache_dir(), exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
@@ -114,11 +133,11 @@ def _compile() -> str | None:
         return None
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, *SOURCES, "-o", tmp], check=True, capture_output=True, timeout=120)
+        subprocess.run([cc, *flags, *SOURCES, "-o", tmp], check=True, capture_output=True, timeout=120)
         os.replace(tmp, out)  # atomic: another process compiling the same file sees one or the other
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", b"") or b""
-        log.warning("keel's CPU kernels did not compile (%s): using PyTorch's operators. %s", e,
+        log.warning("keel's CPU kernels (%s) did not compile (%s): %s", isa, e,
                     detail.decode(errors="replace")[-500:])
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -127,7 +146,8 @@ def _compile() -> str | None:
 
 
 class CPUKernels:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, isa: str = "avx2") -> None:
+        self.isa = isa
         lib = ctypes.CDLL(path)
         p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.keel_gemm.argtypes = [p, c_int, p, p, p, c_int, i64, p, i64, i64, i64, c_int]
@@ -234,17 +254,62 @@ class CPUKernels:
                                      k_cache.data_ptr(), v_cache.data_ptr(), t, heads, kv_heads, d)
 
 
-def kernels() -> CPUKernels | None:
-    """The compiled kernels, or None where they cannot run here (built once per process)."""
+def probe(k: "CPUKernels") -> str | None:
+    """Run each kernel family once on small inputs against PyTorch: None if they agree, else what
+    differs. A build that computes something else (a miscompile, a CPU that misreports its flags)
+    must never serve."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 64, generator=g)
+    w = torch.randn(24, 64, generator=g)
+    want = x @ w.t()
+    if not torch.allclose(k.gemm(x, W_F32, w), want, rtol=1e-4, atol=1e-4):
+        return "float32 matmul"
+    if not torch.allclose(k.gemm(x, W_BF16, w.bfloat16()), x @ w.bfloat16().float().t(), rtol=1e-4, atol=1e-4):
+        return "bfloat16 matmul"
+    norm = torch.ones(64)
+    if not torch.allclose(k.rms_norm(x, norm, 1e-6), torch.nn.functional.rms_norm(x, (64,), norm, 1e-6),
+                          rtol=1e-5, atol=1e-5):
+        return "rms_norm"
+    gu = torch.randn(3, 32, generator=g)
+    if not torch.allclose(k.silu_mul(gu), torch.nn.functional.silu(gu[:, :16]) * gu[:, 16:], rtol=1e-5, atol=1e-6):
+        return "silu_mul"
+    return None
+
+
+def kernels(isa: str | None = None) -> CPUKernels | None:
+    """keel's CPU kernels built for `isa` ("avx2", "avx512"; None: the best this CPU runs), or None where
+    they cannot run here: off Linux, a CPU without the ISA, no compiler, an unwritable cache, a build or
+    load error, or a probe that computes something else. Each failure is logged once; built and
+    probed once per process and variant. KEEL_NO_CPU_KERNELS=1: always None."""
+    if os.environ.get("KEEL_NO_CPU_KERNELS"):
+        return None
+    isas = runnable_isas()
+    if isa is None:
+        if not isas:
+            return None
+        isa = isas[0]
     with _lock:
-        if "k" not in _state:
-            k = None
-            if _supported():
-                path = _compile()
-                if path is not None:
-                    try:
-                        k = CPUKernels(path)
-                    except OSError as e:
-                        log.warning("keel's CPU kernels did not load (%s): using PyTorch's operators", e)
-            _state["k"] = k
-        return _state["k"]
+        if isa not in _state:
+            _state[isa] = _build(isa, isas)
+        return _state[isa]
+
+
+def _build(isa: str, runnable: list[str]) -> CPUKernels | None:
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"unknown ISA variant {isa!r}: one of {', '.join(ISA_FLAGS)}")
+    if isa not in runnable:
+        log.info("this CPU cannot run keel's %s kernels", isa)
+        return None
+    path = _compile(isa)
+    if path is None:
+        return None
+    try:
+        k = CPUKernels(path, isa)
+    except OSError as e:
+        log.warning("keel's CPU kernels (%s) did not load (%s)", isa, e)
+        return None
+    bad = probe(k)
+    if bad is not None:
+        log.warning("keel's CPU kernels (%s) computed a wrong %s on a probe: not used", isa, bad)
+        return None
+    return k

@@ -24,6 +24,20 @@ class AttentionMetadata:
     max_query_len: int
     block_size: int
     context_lens: torch.Tensor | None = None  # [B] int32 on the CPU: tokens in the cache per request
+    query_lens: list[int] | None = None
+    _per_token: tuple | None = None
+
+    def per_token(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token of the step as a request of one query: (block tables [T, NB], context lengths
+        [T] int32: the token's position + 1), built once per step and shared by the layers."""
+        if self._per_token is None:
+            rows, lens = [], []
+            for b, (q, c) in enumerate(zip(self.query_lens, self.context_lens.tolist())):
+                rows += [b] * q
+                lens += range(c - q + 1, c + 1)
+            self._per_token = (self.gather_blocks.index_select(0, torch.tensor(rows, dtype=torch.int64)),
+                               torch.tensor(lens, dtype=torch.int32))
+        return self._per_token
 
     @classmethod
     def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
@@ -56,7 +70,8 @@ class AttentionMetadata:
         if len(set(query_lens)) > 1:
             query_index = torch.cat([b * Q + torch.arange(q) for b, q in enumerate(query_lens)]).to(device)
         ctx = torch.tensor(context_lens, dtype=torch.int32) if device.type == "cpu" else None
-        return cls(slot_mapping.to(device), gather.to(device), mask, query_index, B, Q, block_size, ctx)
+        return cls(slot_mapping.to(device), gather.to(device), mask, query_index, B, Q, block_size, ctx,
+                   list(query_lens))
 
 
 class PagedAttention(nn.Module):
@@ -73,10 +88,18 @@ class PagedAttention(nn.Module):
         AVX2 and FMA. It reads each request's keys and values in place in the cache blocks; the general
         path below gathers every request's context into a padded copy first and hands it to SDPA,
         ~0.5 ms a layer at 16 requests on the 2-core EPYC (bench/profile_decode.py)."""
-        from keel.kernels.cpu import kernels
+        from keel.kernels.backend import of
+        backend = of(self)
         ok = (self.k_cache is not None and self.k_cache.device.type == "cpu" and self.k_cache.dtype == torch.float32
               and self.head_dim % 8 == 0 and self.head_dim <= 256 and self.num_heads // self.num_kv_heads <= 16)
-        self.own = kernels() if ok else None
+        self.own = backend.cpu_kernels() if ok else None
+        self.every_token = self.own is not None and backend.batch_invariant
+        backend.record("attention", "torch sdpa" if self.own is None else
+                       f"keel {self.own.isa}" + (" (every token)" if self.every_token else " (decode), torch sdpa (prefill)"))
+        backend.record("rotary+cache", f"keel {self.own.isa}" if self.own is not None else "torch")
+
+    backend = None  # keel.kernels.backend.Backend, set by the model's prepare()
+    every_token = False  # prefill tokens too go through keel's kernel, one query row at a time
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                 cached: bool = False) -> torch.Tensor:
@@ -85,10 +108,17 @@ class PagedAttention(nn.Module):
             self.k_cache.index_copy_(0, meta.slot_mapping, k)
             self.v_cache.index_copy_(0, meta.slot_mapping, v)
         B, Q, H, D = meta.batch_size, meta.max_query_len, self.num_heads, self.head_dim
-        if (self.own is not None and Q == 1 and meta.context_lens is not None and q.dtype == torch.float32
+        if (self.own is not None and meta.context_lens is not None and q.dtype == torch.float32
                 and q.stride(2) == 1 and q.stride(1) == D):
-            return self.own.decode_attention(q, self.k_cache, self.v_cache, meta.gather_blocks,
-                                             meta.context_lens, meta.block_size, self.scale)
+            if Q == 1:
+                return self.own.decode_attention(q, self.k_cache, self.v_cache, meta.gather_blocks,
+                                                 meta.context_lens, meta.block_size, self.scale)
+            if self.every_token:
+                # Each token is a query over its own causal context, computed as a decode step is: its
+                # result cannot depend on how the prompt was chunked or what else the step holds.
+                tables, lens = meta.per_token()
+                return self.own.decode_attention(q, self.k_cache, self.v_cache, tables, lens,
+                                                 meta.block_size, self.scale)
         # Whole blocks by index_select: 5x faster on CPU than indexing slot by slot (bench/kernels.py).
         blocks = meta.gather_blocks.view(-1)
         shape = (B, -1, self.num_kv_heads, D)

@@ -25,6 +25,24 @@ OWN_F32_MAX_ROWS = 256
 # 3072x576 at 64 / 256 rows 1.4 / 7.6 ms against bf16 F.linear's 12.7 / 53.7 (cold,
 # bench/results/cpu_kernels.md). More rows widen the whole weight for MKL.
 OWN_BF16_MAX_ROWS = 256
+# Batch invariance without keel's kernels: F.linear (MKL / oneDNN) picks its blocking, and with it the
+# order of each dot product's sums, from the row count. Fed blocks of exactly FIXED_ROWS rows (the last
+# one padded with zeros), every row sees one blocking whatever its batch holds.
+FIXED_ROWS = 16
+
+
+def in_fixed_rows(fn, x: torch.Tensor, rows: int = FIXED_ROWS) -> torch.Tensor:
+    """fn(x) computed on blocks of exactly `rows` rows of x (the last padded with zeros)."""
+    t = x.shape[0]
+    pad = -t % rows
+    if pad:
+        x = torch.cat((x, x.new_zeros(pad, x.shape[1])))
+    y = torch.cat([fn(block) for block in x.split(rows)]) if x.shape[0] > rows else fn(x)
+    return y[:t] if pad else y
+
+
+def fixed_rows_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, rows: int = FIXED_ROWS) -> torch.Tensor:
+    return in_fixed_rows(lambda block: F.linear(block, w, bias), x, rows)
 
 
 def keeps_bf16(param: torch.Tensor, weight_dtype: str | None) -> bool:
@@ -101,30 +119,48 @@ class Linear(nn.Module):
             return y.to(x.dtype)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.fixed_rows:
+            return fixed_rows_linear(x, self.weight, self.bias, self.fixed_rows)
         return F.linear(x, self.weight, self.bias)
 
     packed: torch.Tensor | None = None
+    fixed_rows = 0  # F.linear on blocks of exactly this many rows (batch-invariant without keel's kernels)
     own = None  # keel.kernels.cpu.CPUKernels, where keel's matmul serves this layer (see _use_own)
     own_fmt = 0
     own_max_rows = 0
 
+    backend = None  # keel.kernels.backend.Backend, set by the model's prepare(); None: the default one
+
     def pack_for_cpu(self, weight_dtype: str | None = None) -> bool:
-        """Choose this layer's CPU matmul: keel's own (see _use_own), else the weight reordered into
-        oneDNN's blocked layout (the dense copy dropped). weight_dtype "auto" or "bfloat16": a float32
-        layer may hold its weight in bfloat16 for keel's kernel (see keeps_bf16).
+        """Choose this layer's CPU matmul once: keel's own (see _use_own), else, where the backend is not
+        batch-invariant, the weight reordered into oneDNN's blocked layout (the dense copy dropped), else
+        F.linear. weight_dtype "auto" or "bfloat16": a float32 layer may hold its weight in bfloat16 for
+        keel's kernel (see keeps_bf16).
 
         oneDNN, measured on a 2-core AVX2 EPYC, float32 (bench/kernels.py, bench/results/kernels.md): a
         3072x576 projection at 16 tokens 0.6 ms packed against 1.15 ms for F.linear (MKL), the 49152x576
-        output head 4.5 ms against 10.5 ms at 1 token and 11 ms against 31 ms at 16. Falls back to
-        F.linear (returns False) where this torch build or CPU lacks the kernels.
+        output head 4.5 ms against 10.5 ms at 1 token and 11 ms against 31 ms at 16. Neither is
+        batch-invariant (their blocking depends on the row count), so a batch-invariant backend without
+        keel's kernels keeps F.linear, fed a fixed number of rows at a time (see _fixed_rows).
         """
+        from keel.kernels.backend import of
+        backend = of(self)
+        kind = f"linear.{str(self.weight.dtype).removeprefix('torch.')}"
         if self.weight.device.type != "cpu":
+            backend.record(kind, "torch F.linear")
             return False
         if keeps_bf16(self.weight, weight_dtype) and self._use_own(store_bf16=True):
+            backend.record("linear.bfloat16", f"keel {backend.isa}")
             return True
         if self._use_own():
+            backend.record(kind, f"keel {backend.isa}")
             return True
+        if backend.batch_invariant:
+            self.fixed_rows = FIXED_ROWS
+            backend.record(kind, f"torch F.linear ({FIXED_ROWS}-row blocks)")
+            return False
         if not torch.backends.mkldnn.is_available():
+            backend.record(kind, "torch F.linear")
             return False
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, 16)
@@ -132,30 +168,32 @@ class Linear(nn.Module):
             got = torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
             want = F.linear(x, self.weight, self.bias)
             if not torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-3 * float(want.abs().max()) + 1e-6):
-                return False
+                raise RuntimeError("oneDNN's packed matmul disagrees with F.linear")
         except (RuntimeError, AttributeError):  # op missing, or dtype not supported on this CPU
+            backend.record(kind, "torch F.linear")
             return False
         self.packed = packed
         self.weight_bytes_packed = self.weight.numel() * self.weight.element_size()
         self.weight.data = torch.empty(0, dtype=self.weight.dtype)
+        backend.record(kind, "oneDNN packed")
         return True
 
     def _use_own(self, store_bf16: bool = False) -> bool:
-        """keel's matmul (float32 arithmetic, the weight read as stored) for a float32 layer, and for a
-        bfloat16 one on a CPU without bf16 instructions, up to OWN_F32_MAX_ROWS / OWN_BF16_MAX_ROWS rows;
-        F.linear above. Where the CPU has bf16 matmuls (AMX, AVX512-BF16) a bf16 layer uses oneDNN's.
-        store_bf16: a float32 layer's weight is held in bfloat16 from here on. Checked on a probe against
-        F.linear before it is used."""
-        from keel.engine.device import BF16_CPU_FLAGS, cpu_flags
-        from keel.kernels.cpu import W_BF16, W_F32, kernels
-        own = kernels()
+        """keel's matmul (float32 arithmetic, the weight read as stored: float32 or bfloat16) where the
+        backend has keel's CPU kernels. It serves up to OWN_*_MAX_ROWS rows, or every row count where the
+        backend is batch-invariant; F.linear above. store_bf16: a float32 layer's weight is held in
+        bfloat16 from here on. Checked on a probe against F.linear before it is used."""
+        from keel.kernels.backend import of
+        from keel.kernels.cpu import W_BF16, W_F32
+        backend = of(self)
+        own = backend.cpu_kernels()
         if own is None or self.in_features % 8:
             return False
         if store_bf16:
             fmt, rows = W_BF16, OWN_BF16_MAX_ROWS
         elif self.weight.dtype == torch.float32:
             fmt, rows = W_F32, OWN_F32_MAX_ROWS
-        elif self.weight.dtype == torch.bfloat16 and not cpu_flags() & BF16_CPU_FLAGS:
+        elif self.weight.dtype == torch.bfloat16:
             fmt, rows = W_BF16, OWN_BF16_MAX_ROWS
         else:
             return False
@@ -164,7 +202,7 @@ class Linear(nn.Module):
         want = x @ w.float().t()
         if not torch.allclose(own.gemm(x, fmt, w), want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
             return False
-        self.weight.data, self.own, self.own_fmt, self.own_max_rows = w.contiguous(), own, fmt, rows
+        self.weight.data, self.own, self.own_fmt, self.own_max_rows = w.contiguous(), own, fmt, backend.max_rows(rows)
         if self.bias is not None and store_bf16:
             self.bias.data = self.bias.data.float()
         return True

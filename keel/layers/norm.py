@@ -14,11 +14,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
 
     own = None  # keel.kernels.cpu.CPUKernels once checked (False: not used)
+    backend = None  # keel.kernels.backend.Backend, set by the model's prepare()
+
+    def prepare(self) -> None:
+        """Choose the kernel once (the model calls this when the engine is built)."""
+        self.own = self._own_kernel()
+        from keel.kernels.backend import of
+        of(self).record("rms_norm", f"keel {self.own.isa}" if self.own else "torch")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
             if self.own is None:
-                self.own = self._own_kernel(x)
+                self.own = self._own_kernel()
             if self.own and x.is_contiguous():
                 return self.own.rms_norm(x, self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
@@ -27,9 +34,9 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
-    def _own_kernel(self, x: torch.Tensor):
-        from keel.kernels.cpu import kernels
-        own = kernels() if x.device.type == "cpu" and self.weight.dtype == torch.float32 else None
+    def _own_kernel(self):
+        from keel.kernels.backend import of
+        own = of(self).cpu_kernels() if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32 else None
         if own is None:
             return False
         probe = torch.randn(2, self.weight.shape[0], generator=torch.Generator().manual_seed(0))

@@ -110,7 +110,7 @@ class LoRAMetadata:
 
     @classmethod
     def build(cls, counts: list[int], groups: list[tuple[int, int]], device: torch.device,
-              costs: LoRACosts = DEFAULT_COSTS) -> "LoRAMetadata":
+              costs: LoRACosts = DEFAULT_COSTS, kernel_max_rows: int = KERNEL_MAX_ROWS) -> "LoRAMetadata":
         """counts[s]: tokens of slot s this step (> 0), which sit contiguously in slot order."""
         S = len(counts)
         C = _pick_rows_per_slot(counts, costs)
@@ -121,11 +121,22 @@ class LoRAMetadata:
         overflow = [(s, starts[s] + C, starts[s] + c) for s, c in enumerate(counts) if c > C]
         meta = cls._build(S, C, n, counts, starts, groups, overflow, device)
         if device.type == "cpu":
-            small = [s for s, c in enumerate(counts) if c <= KERNEL_MAX_ROWS]
+            small = [s for s, c in enumerate(counts) if c <= kernel_max_rows]
             meta.kernel_slots = tuple(torch.tensor(v, dtype=torch.int32) for v in
                                       (small, [starts[s] for s in small], [counts[s] for s in small]))
-            meta.kernel_rest = [(s, starts[s], starts[s] + c) for s, c in enumerate(counts) if c > KERNEL_MAX_ROWS]
+            meta.kernel_rest = [(s, starts[s], starts[s] + c) for s, c in enumerate(counts) if c > kernel_max_rows]
+        meta.counts = list(counts)
         return meta
+
+    counts: list[int] | None = None
+
+    def slot_rows(self) -> list[tuple[int, int, int]]:
+        """(slot, first row, end row) of every slot's tokens."""
+        out, start = [], 0
+        for s, c in enumerate(self.counts):
+            out.append((s, start, start + c))
+            start += c
+        return out
 
     @classmethod
     def _build(cls, S, C, n, counts, starts, groups, overflow, device) -> "LoRAMetadata":
@@ -142,23 +153,25 @@ class LoRAMetadata:
         return cls(S, C, n, groups, t(gather), t(src), t(dst), overflow)
 
 
-def _cpu_kernel(dtype: torch.dtype, device: torch.device):
+def _cpu_kernel(dtype: torch.dtype, device: torch.device, backend=None):
     """keel's CPU kernels where the batched update can use them (a float32 model on the CPU), else None."""
     if device.type != "cpu" or dtype != torch.float32:
         return None
-    from keel.kernels.cpu import kernels
-    return kernels()
+    from keel.kernels.backend import default_backend
+    return (backend or default_backend(device)).cpu_kernels()
 
 
-def lora_store_dtype(lora_dtype: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+def lora_store_dtype(lora_dtype: str, dtype: torch.dtype, device: torch.device, backend=None) -> torch.dtype:
     """The dtype resident adapter stacks hold (see LoRAConfig.lora_dtype).
 
-    "auto" under a float32 model on a CPU with keel's kernel is bfloat16: the batched update streams
-    every active adapter's weights each step, which at 64 requests over 27 adapters was ~400 MB a
-    step in float32 (bench/results/lora.md); bfloat16 halves it, and the kernel widens it exactly."""
-    kernel = _cpu_kernel(dtype, device) is not None
+    "auto" is the model's dtype: an adapter saved in float32 keeps every bit under a float32 model, and
+    one saved in bfloat16 widens exactly. "bfloat16" under a float32 model on a CPU with keel's kernel
+    is the opt-in lossy mode: the batched update streams every active adapter's weights each step,
+    which at 64 requests over 27 adapters was ~400 MB a step in float32 (bench/results/lora.md);
+    bfloat16 halves it, rounding float32-saved adapters (exact for bfloat16-saved ones)."""
+    kernel = _cpu_kernel(dtype, device, backend) is not None
     if lora_dtype == "auto":
-        return torch.bfloat16 if kernel else dtype
+        return dtype
     want = getattr(torch, lora_dtype)
     if want != dtype and not (want == torch.bfloat16 and kernel):
         raise ValueError(f"lora_dtype {lora_dtype} under a {dtype} model is not supported here: adapters are "
@@ -179,7 +192,8 @@ class LinearLoRA:
     """
 
     def __init__(self, in_features: int, shard_sizes: list[int], max_loras: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device, store_dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype, device: torch.device, store_dtype: torch.dtype | None = None,
+                 backend=None) -> None:
         """dtype: the model's; store_dtype: the stacks' (default dtype). bfloat16 stacks under a float32
         model need keel's CPU kernel, which widens them in registers; they keep the scale apart from B
         (b[k] holds lora_Bᵀ as read, exact for bfloat16 adapter files) and halve the bytes a step reads."""
@@ -193,7 +207,9 @@ class LinearLoRA:
         self.b = [torch.zeros(max_loras, max_rank, size, dtype=store_dtype, device=device) for size in shard_sizes]
         self.ranks = [[0] * max_loras for _ in shard_sizes]
         self.slot_rank = [0] * max_loras  # largest rank of the slot over its shards
-        self.kernel = _cpu_kernel(dtype, device)  # keel's CPU kernel (keel.kernels.cpu), or None
+        self.kernel = _cpu_kernel(dtype, device, backend)  # keel's CPU kernel (keel.kernels.cpu), or None
+        # without it, a batch-invariant backend computes each slot's rows in fixed-size blocks
+        self.fixed_rows = backend is not None and backend.batch_invariant and self.kernel is None
         self.folded = store_dtype == dtype  # the scale is folded into b; else it is in scales[k][slot]
         if not self.folded and (self.kernel is None or store_dtype != torch.bfloat16):
             raise ValueError(f"LoRA weights stored as {store_dtype} under a {dtype} model need keel's CPU "
@@ -257,6 +273,10 @@ class LinearLoRA:
         if self.kernel is not None and meta.kernel_slots is not None and x.dtype == torch.float32:
             self._apply_kernel(x, y, meta)
             return
+        if self.fixed_rows:
+            for s, r0, r1 in meta.slot_rows():
+                self._rows_fixed(x, y, r0, r1, s)
+            return
         S, C = meta.num_slots, meta.rows_per_slot
         view = meta.gather_index is None
         if view:
@@ -318,6 +338,22 @@ class LinearLoRA:
             if rk:
                 y[r0:r1, sl].addmm_(h[:, k, :rk] if n > 1 else h[:, :rk], self.b[k][slot, :rk].to(x.dtype),
                                     alpha=self.scales[k][slot])
+
+    def _rows_fixed(self, x: torch.Tensor, y: torch.Tensor, r0: int, r1: int, slot: int) -> None:
+        """_rows in fixed-size row blocks: each row's update computed the same way whatever the step."""
+        from keel.layers.linear import fixed_rows_linear
+        n, r = self.n, self.slot_rank[slot]
+        if r == 0:
+            return
+        h = fixed_rows_linear(x[r0:r1], self.a[slot, :r * n].to(x.dtype), None)
+        if n > 1:
+            h = h.view(r1 - r0, r, n).transpose(1, 2)
+        for k, sl in enumerate(self.slices):
+            rk = self.ranks[k][slot]
+            if rk:
+                hk = (h[:, k, :rk] if n > 1 else h[:, :rk]).contiguous()
+                upd = fixed_rows_linear(hk, self.b[k][slot, :rk].to(x.dtype).t(), None)
+                y[r0:r1, sl].add_(upd, alpha=self.scales[k][slot])
 
     def _group(self, xg: torch.Tensor, lo: int, hi: int) -> list[torch.Tensor | None]:
         """Per shard the update of slots lo..hi-1 for xg: [G, C, in] (None where no slot adapts it)."""

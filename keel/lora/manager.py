@@ -25,7 +25,7 @@ import torch
 from keel.config import LoRAConfig
 from keel.errors import LoRAError, LoRANotFoundError
 from keel.lora.adapter import AdapterSpec, BaseTargets, check_adapter_name, load_weights, read_spec
-from keel.lora.layers import LinearLoRA, LoRACosts, lora_store_dtype, rank_groups
+from keel.lora.layers import KERNEL_MAX_ROWS, LinearLoRA, LoRACosts, lora_store_dtype, rank_groups
 
 log = logging.getLogger("keel.lora")
 
@@ -63,7 +63,11 @@ class LoRAManager:
         self.max_loras = config.max_loras
         self.max_cpu_loras = config.max_cpu_loras
         self.dtype, self.device = dtype, device
-        self.store_dtype = lora_store_dtype(config.lora_dtype, dtype, device)
+        from keel.kernels.backend import of
+        self.backend = of(model)
+        self.store_dtype = lora_store_dtype(config.lora_dtype, dtype, device, self.backend)
+        # keel's kernel for every slot on a batch-invariant backend; else MKL for slots of many tokens
+        self.kernel_max_rows = self.backend.max_rows(KERNEL_MAX_ROWS)
         self.fold_scale = self.store_dtype == dtype
         self.served_model = served_model if config.check_base_model else None
         self.base = BaseTargets(model)
@@ -74,7 +78,8 @@ class LoRAManager:
                 lin = modules[t.module]
                 sizes = list(lin.output_sizes.values()) if lin.output_sizes else [lin.out_features]
                 lin.lora = self.layers[t.module] = LinearLoRA(
-                    lin.in_features, sizes, config.max_loras, config.max_lora_rank, dtype, device, self.store_dtype)
+                    lin.in_features, sizes, config.max_loras, config.max_lora_rank, dtype, device, self.store_dtype,
+                    self.backend)
         # every (Hugging Face module name, layer, shard) an adapter may adapt
         self._targets = [(hf, self.layers[t.module], t.shard) for hf, t in self.base.targets.items()]
         self.costs = LoRACosts.for_model(

@@ -8,6 +8,12 @@ CPU: dense, GGUF-block or keel-quantized projections, the float32 paged cache), 
 one call of the same kernels in the same order, with the same results bit for bit; LoRA adapters' updates
 too, through the batched LoRA kernel, where every slot of the step has at most KERNEL_MAX_ROWS tokens.
 Anything else (prefill chunks, Qwen3's q/k norms, bfloat16, GPUs) takes the module path.
+
+The stack is built once the weights, adapter stacks and caches are final (ModelRunner), from raw
+addresses. It holds a reference to every tensor and table it points at, so none can be freed under it,
+and before each call checks that each of them still sits where it did (a cache reallocated, a layer's
+weight or adapter stack replaced): if anything moved, it is rebuilt; where that fails, steps take the
+module path.
 """
 
 from __future__ import annotations
@@ -18,26 +24,42 @@ from keel.layers.attention import AttentionMetadata
 from keel.lora.layers import LoRAMetadata
 
 
+def _address(t) -> int:
+    return t.data_ptr() if isinstance(t, torch.Tensor) else id(t)
+
+
 class DecodeStack:
     def __init__(self, model, own, layers, dims: tuple, max_rows: int, eps: float, scale: float, loras: list,
-                 lora_ok: bool) -> None:
+                 lora_ok: bool, held: list, backend=None) -> None:
         self.model, self.own, self.layers, self.dims = model, own, layers, dims
         self.max_rows, self.eps, self.scale = max_rows, eps, scale
         self.loras, self.lora_ok = loras, lora_ok  # the LinearLoRA layers; all on keel's kernel
         self.h_cols = max((lo.a.shape[1] for lo in loras), default=0)
-        self.cache_ptr = model.model.layers[0].self_attn.attn.k_cache.data_ptr()
+        self.held = held  # (owner, attribute, tensor) of everything the structs point at, kept alive
+        self.where = [_address(t) for _, _, t in held]
+        self.backend = backend
+
+    def moved(self) -> bool:
+        """Has any tensor the stack points at been replaced or reallocated since it was built?"""
+        for (owner, name, t), ptr in zip(self.held, self.where):
+            now = owner[name] if isinstance(owner, list) else getattr(owner, name, None)
+            if now is not t or _address(now) != ptr:
+                return True
+        return False
 
     @classmethod
-    def build(cls, model) -> "DecodeStack | None":
+    def build(cls, model, backend=None) -> "DecodeStack | None":
         """The stack of `model` (a LlamaForCausalLM, its caches allocated), or None where some part of it
         does not run on keel's CPU kernels."""
-        from keel.kernels.cpu import Layer, kernels, lin
+        from keel.kernels.backend import of
+        from keel.kernels.cpu import Layer, lin
         from keel.models.llama import MLP, Attention, DecoderLayer
-        own = kernels()
+        backend = backend or of(model)
+        own = backend.cpu_kernels()
         layers = list(model.model.layers)
         if own is None or not layers:
             return None
-        structs, max_rows, loras, lora_ok = [], 1 << 62, [], True
+        structs, max_rows, loras, lora_ok, held = [], 1 << 62, [], True, []
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
             if (type(layer).forward is not DecoderLayer.forward or not isinstance(attn, Attention) or attn.qk_norm
@@ -46,6 +68,8 @@ class DecodeStack:
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             if any(w.dtype != torch.float32 or not w.is_contiguous() for w in norms):
                 return None
+            held += [(layer.input_layernorm, "weight", norms[0]), (layer.post_attention_layernorm, "weight", norms[1]),
+                     (attn.attn, "k_cache", attn.attn.k_cache), (attn.attn, "v_cache", attn.attn.v_cache)]
             lins = []
             for proj in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
                 args = proj.gemm_args()
@@ -54,11 +78,18 @@ class DecodeStack:
                     return None
                 fmt, w, scale, zero, group, rows = args
                 max_rows = min(max_rows, rows)
+                for name in ("weight", "qweight", "scales", "zeros", "bias"):
+                    t = getattr(proj, name, None)
+                    if isinstance(t, torch.Tensor) and t.numel():
+                        held.append((proj, name, t))
                 lora = proj.lora
                 if lora is not None and lora.kernel is None:
                     lora_ok, lora = False, None  # adapters there, but not on keel's kernel: steps with them go by module
                 if lora is not None:
                     loras.append(lora)
+                    held += [(proj, "lora", lora), (lora, "a", lora.a), (lora, "_rank_table", lora._rank_table),
+                             (lora, "_scale_table", lora._scale_table)]
+                    held += [(lora.b, k, b) for k, b in enumerate(lora.b)]
                 lins.append(lin(fmt, w, scale, zero, group, bias, lora))
             structs.append(Layer(norms[0].data_ptr(), norms[1].data_ptr(), attn.attn.k_cache.data_ptr(),
                                  attn.attn.v_cache.data_ptr(), *lins))
@@ -66,15 +97,21 @@ class DecodeStack:
         a = first.self_attn
         dims = (model.config.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, first.mlp.inter)
         array = (Layer * len(structs))(*structs)
-        return cls(model, own, array, dims, max_rows, first.input_layernorm.eps, a.attn.scale, loras, lora_ok)
+        return cls(model, own, array, dims, max_rows, first.input_layernorm.eps, a.attn.scale, loras, lora_ok, held,
+                   backend)
 
     def runs(self, x: torch.Tensor, meta: AttentionMetadata, lora: LoRAMetadata | None = None) -> bool:
         if lora is not None and not (self.lora_ok and lora.kernel_slots is not None and not lora.kernel_rest
                                      and not any(lo.pad_ranks for lo in self.loras)):
             return False
-        return (meta.max_query_len == 1 and meta.context_lens is not None and x.dtype == torch.float32
-                and x.device.type == "cpu" and x.shape[0] <= self.max_rows
-                and self.model.model.layers[0].self_attn.attn.k_cache.data_ptr() == self.cache_ptr)
+        if not (meta.max_query_len == 1 and meta.context_lens is not None and x.dtype == torch.float32
+                and x.device.type == "cpu" and x.shape[0] <= self.max_rows):
+            return False
+        if self.moved():  # rebuilt over the tensors as they are now; the module path if it cannot be
+            self.model.decode_stack = DecodeStack.build(self.model, self.backend) or False
+            return bool(self.model.decode_stack) and self.model.decode_stack is not self and \
+                self.model.decode_stack.runs(x, meta, lora)
+        return True
 
     def run(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
             lora: LoRAMetadata | None = None) -> torch.Tensor:

@@ -60,12 +60,19 @@ class MLP(nn.Module):
         self.down_proj = Linear(self.inter, cfg.hidden_size, bias=cfg.mlp_bias, dtype=dtype, device=device)
 
     own = None  # keel's CPU kernels (keel.kernels.cpu) once checked; False: not used
+    backend = None  # keel.kernels.backend.Backend, set by the model's prepare()
+
+    def prepare(self) -> None:
+        from keel.kernels.backend import of
+        backend = of(self)
+        on_cpu = backend.device.type == "cpu"
+        self.own = (backend.cpu_kernels() if on_cpu else None) or False
+        backend.record("silu_mul", f"keel {self.own.isa}" if self.own else "torch")
 
     def forward(self, x: torch.Tensor, lora: LoRAMetadata | None = None) -> torch.Tensor:
         gate_up = self.gate_up_proj(x, lora)
         if self.own is None:
-            from keel.kernels.cpu import kernels
-            self.own = (kernels() if x.device.type == "cpu" else None) or False
+            self.prepare()
         if self.own and gate_up.dtype == torch.float32 and gate_up.is_contiguous():
             return self.down_proj(self.own.silu_mul(gate_up), lora)  # one pass, no split, no temporaries
         gate, up = gate_up.split(self.inter, dim=-1)
@@ -119,9 +126,6 @@ class LlamaForCausalLM(nn.Module):
         if x.dtype != self.dtype:  # an embedding table held in bfloat16 under a float32 model
             x = x.to(self.dtype)
         rope = self.rotary.lookup(positions)
-        if self.decode_stack is None:
-            from keel.models.fused_decode import DecodeStack
-            self.decode_stack = DecodeStack.build(self) or False
         if self.decode_stack and self.decode_stack.runs(x, meta, lora):
             return self.model.norm(self.decode_stack.run(x, rope, meta, lora))  # one call for every layer
         for layer in self.model.layers:
@@ -136,6 +140,26 @@ class LlamaForCausalLM(nn.Module):
             return F.linear(hidden, self.model.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
 
+    def prepare(self, backend, weight_dtype: str | None = "auto") -> None:
+        """Give every layer the engine's backend and let each choose its kernels, once; on a CPU the
+        projections move into their kernels' layouts (pack_for_cpu)."""
+        for m in self.modules():
+            m.backend = backend
+        if next(self.model.embed_tokens.parameters()).device.type == "cpu":
+            self.pack_for_cpu(weight_dtype)
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, MLP)):
+                m.prepare()
+
+    def build_decode_stack(self) -> None:
+        """Build the one-call decode stack (keel/models/fused_decode.py) where every part of every layer
+        runs on keel's CPU kernels; called once the weights, adapter stacks and KV caches are final."""
+        from keel.kernels.backend import of
+        from keel.models.fused_decode import DecodeStack
+        backend = of(self)
+        self.decode_stack = DecodeStack.build(self, backend) or False
+        backend.record("decode step", "keel one call" if self.decode_stack else "module by module")
+
     def pack_for_cpu(self, weight_dtype: str | None = None) -> None:
         """Move every projection to the CPU's fastest matmul layout (see Linear.pack_for_cpu), its weight
         held in bfloat16 where weight_dtype says so (see keel.layers.linear.keeps_bf16). A tied output head
@@ -149,10 +173,11 @@ class LlamaForCausalLM(nn.Module):
         if self.lm_head is None:
             head = Linear(self.config.hidden_size, self.config.vocab_size, dtype=emb.weight.dtype)
             head.weight.data = emb.weight.data
+            head.backend = getattr(self, "backend", None)
             if bf16 and head._use_own(store_bf16=True):
                 emb.weight.data = head.weight.data  # one bfloat16 table for lookups and head
                 self.tied_head = head
-            elif head.pack_for_cpu():
+            elif head.pack_for_cpu() or head.fixed_rows:
                 self.tied_head = head
         elif bf16:
             emb.weight.data = emb.weight.data.bfloat16()  # lookups only: forward widens the rows

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from keel.errors import ModelLoadError
-from keel.kernels.cpu import W_INT4, kernels
+from keel.kernels.cpu import W_INT4
 from keel.quant.layer import QuantEmbedding, QuantLinear, sample_rows
 
 # Rows above which a float32 model on CPU dequantizes and runs the dense matmul (see the module doc).
@@ -143,7 +143,8 @@ class Int4Linear(QuantLinear):
     def _prepare_own(self) -> bool:
         """A float32 model on CPU: keel's matmul reads the checkpoint layout as it is and computes in
         float32, for up to INT4_OWN_MAX_ROWS rows; more rows dequantize and run the dense matmul."""
-        own = kernels()
+        from keel.kernels.backend import of
+        own = of(self).cpu_kernels(self.dtype)
         if own is None or self.group_size % 16 or self.in_features % self.group_size:
             return False
         if self.zeros.dtype != self.scales.dtype:

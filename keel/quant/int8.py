@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from keel.errors import ModelLoadError
-from keel.kernels.cpu import W_INT8G, kernels
+from keel.kernels.cpu import W_INT8G
 from keel.quant.layer import QuantEmbedding, QuantLinear
 
 # Rows above which a float32 model on CPU dequantizes and runs the dense matmul (see the module doc).
@@ -93,7 +93,8 @@ class Int8Linear(QuantLinear):
         self.fast = False
         if self.qweight.device.type != "cpu":
             return
-        own = kernels() if self.dtype == torch.float32 and self.in_features % 8 == 0 else None
+        from keel.kernels.backend import of
+        own = of(self).cpu_kernels(self.dtype) if self.in_features % 8 == 0 else None
         fast = self._own_int8(own) if own is not None else None
         if fast is not None and self.check_fast(fast):
             self._own = fast
@@ -115,7 +116,7 @@ class Int8Linear(QuantLinear):
 
     def _fp32_rows(self, x: torch.Tensor) -> torch.Tensor:
         """A float32 model: keel's kernel for a few rows (activations stay float32), PyTorch's above."""
-        if x.shape[0] <= INT8_OWN_MAX_ROWS or self._kernel_scales is None:
+        if x.shape[0] <= INT8_OWN_MAX_ROWS or self._kernel_scales is None or self.own_all_rows:
             return self._own(x)
         return self._cpu_int8(x)
 

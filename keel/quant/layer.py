@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from keel.errors import ModelLoadError
-from keel.layers.linear import Linear
+from keel.layers.linear import FIXED_ROWS, Linear, fixed_rows_linear, in_fixed_rows
 
 
 class QuantLinear(Linear):
@@ -84,14 +84,33 @@ class QuantLinear(Linear):
         if self.fast is None:
             self.prepare()
         if self.fast is not False and x.shape[0] <= self.fast_max_rows:
-            y = self.fast(x)
+            y = self.fast(x) if not self.fixed_rows else in_fixed_rows(self.fast, x, self.fixed_rows)
             return y if self.bias is None else y.add_(self.bias)
+        if self.fixed_rows:
+            return fixed_rows_linear(x, self.dequantize(x.dtype), self.bias, self.fixed_rows)
         return F.linear(x, self.dequantize(x.dtype), self.bias)
+
+    def prepared(self) -> None:
+        """After prepare(): record the choice, and where keel's own matmul does not serve this layer on a
+        batch-invariant backend, feed the kernel fixed-size row blocks (see keel.layers.linear.FIXED_ROWS)."""
+        from keel.kernels.backend import UNLIMITED, of
+        backend = of(self)
+        if backend.batch_invariant:
+            if self._gemm is None:
+                self.fixed_rows = FIXED_ROWS
+                if self.fast is not False:
+                    self.fast_max_rows = UNLIMITED
+            else:  # keel's matmul for every row count: the same arithmetic for a row whatever its batch
+                self.fast_max_rows = UNLIMITED
+                self._gemm = self._gemm[:5] + (UNLIMITED,)
+                self.own_all_rows = True
+        backend.record(f"linear.{self.method}", self.kernel + (f" ({FIXED_ROWS}-row blocks)" if self.fixed_rows else ""))
 
     def prepare(self) -> None:
         """Choose the kernel for this device and dtype and move the tensors into its layout."""
         self.fast = False
 
+    own_all_rows = False  # keel's matmul serves every row count (a batch-invariant backend)
     _gemm = None  # Linear.gemm_args' answer, where keel's CPU matmul is this layer's kernel
 
     def gemm_args(self):
@@ -102,6 +121,7 @@ class QuantLinear(Linear):
     def pack_for_cpu(self, weight_dtype: str | None = None) -> bool:
         if self.fast is None:  # prepare() moves tensors into a kernel's layout: once
             self.prepare()
+            self.prepared()
         return self.fast is not False
 
     def check_fast(self, fast) -> bool:

@@ -1,7 +1,7 @@
 """`system_fingerprint`: one short id for everything that decides which tokens a request gets back.
 
-It must change when the weights, tokenizer, chat template, dtype, quantization, device kind or keel
-itself change, and stay the same across restarts and across copies of the same files on other machines
+It must change when the weights, tokenizer, chat template, dtype, quantization, device kind, the
+kernels that compute each layer (keel.kernels.backend) or keel itself change, and stay the same across restarts and across copies of the same files on other machines
 (so no clocks and no modification times). Small files are hashed whole. Weight files are too big to hash
 at every start, so each one contributes its size and evenly spaced samples of its bytes: any
 retraining or fine-tune changes bytes everywhere, and the header (tensor names, shapes, dtypes)
@@ -54,6 +54,9 @@ def system_fingerprint(engine) -> str:
     h.update(f"|dtype={engine.dtype}|device={device}|quant={quant}|keel={keel.__version__}".encode())
     if getattr(engine, "weight_dtype", "auto") == "bfloat16":  # rounds weights; "auto" keeps them exact
         h.update(b"|weights=bfloat16")
+    backend = getattr(engine, "backend", None)  # which kernels compute: they round differently
+    if backend is not None:
+        h.update(f"|kernels={backend.digest()}".encode())
     return "fp_" + h.hexdigest()[:10]
 
 

@@ -103,4 +103,12 @@ class Metrics:
                "Finished engine requests by finish reason: 'length' if any choice hit its token limit, "
                "'abort' if the client left before the end, else 'stop'.",
                [f'keel_requests_total{{finish_reason="{r}"}} {c}' for r, c in self.finished.items()])
+        backend = getattr(aeng.engine, "backend", None)
+        if backend is not None:
+            def esc(v: str) -> str:
+                return v.replace("\\", "\\\\").replace('"', '\\"')
+            metric("keel_kernel_info", "gauge",
+                   "1 for each layer kind and the implementation that computes it (chosen once at start).",
+                   [f'keel_kernel_info{{layer="{esc(k)}",impl="{esc(v)}",isa="{backend.isa or "none"}",'
+                    f'batch_invariant="{str(backend.batch_invariant).lower()}"}} 1' for k, v in backend.table().items()])
         return "\n".join(lines) + "\n"

@@ -125,21 +125,23 @@ def test_async_engine_mixes_adapters_in_concurrent_requests(env):
 
 
 def test_float32_adapter_stacks_keep_full_precision(lora_case, tmp_path):
-    """An adapter saved in float32 with values a bfloat16 cannot hold: lora_dtype="float32" keeps them as
-    they are and matches PEFT; the default stacks (bfloat16 where keel's CPU kernel runs) serve it too."""
+    """An adapter saved in float32 with values a bfloat16 cannot hold: the default stacks ("auto") and
+    lora_dtype="float32" keep them as they are and match PEFT; "bfloat16" (opt-in, where keel's CPU
+    kernel runs) rounds them and still serves."""
     from tests.lora.conftest import ADAPTERS, make_peft_adapter
     ckpt, hf, _ = lora_case("llama-gqa")
     folder = str(tmp_path / "fp32")
     pm = make_peft_adapter(hf, folder, seed=11, bf16_exact=False, **ADAPTERS["all-r16"])
     want = hf_greedy(pm, PROMPT, 8)
-    for lora_dtype in ("float32", "auto"):
+    from keel.kernels.cpu import kernels
+    for lora_dtype in ("float32", "auto", "bfloat16"):
+        if lora_dtype == "bfloat16" and kernels() is None:
+            continue
         llm = LLM(ckpt, dtype="float32", num_blocks=64, block_size=4, enable_lora=True, lora_dtype=lora_dtype)
         llm.add_lora("fp32", folder)
         out = run(llm, "fp32").outputs[0].token_ids
-        if lora_dtype == "float32":
+        if lora_dtype != "bfloat16":
             assert out == want
             assert all(layer.a.dtype == torch.float32 for layer in llm.engine.lora.layers.values())
-        else:  # rounded to bfloat16 where the kernel runs: close, not bit-equal, so only the storage is checked
-            from keel.kernels.cpu import kernels
-            stored = torch.bfloat16 if kernels() is not None else torch.float32
-            assert len(out) == 8 and all(layer.a.dtype == stored for layer in llm.engine.lora.layers.values())
+        else:  # rounded to bfloat16: close, not bit-equal, so only the storage is checked
+            assert len(out) == 8 and all(layer.a.dtype == torch.bfloat16 for layer in llm.engine.lora.layers.values())

@@ -138,16 +138,16 @@ def test_cpu_kernel_matches_the_torch_path(counts, num_base):
 
 
 def test_bfloat16_stacks_hold_bfloat16_adapters_exactly():
-    """The default stacks under a float32 model with keel's kernel: bfloat16, the scale kept apart from B.
-    For weights a bfloat16 holds (an adapter saved in bfloat16) the update equals float32 stacks with
-    the scale folded in, through slot moves; float32 stays available (lora_dtype="float32")."""
+    """lora_dtype="bfloat16" under a float32 model with keel's kernel (opt-in; the default keeps the
+    model's float32): the scale kept apart from B. For weights a bfloat16 holds (an adapter saved in
+    bfloat16) the update equals float32 stacks with the scale folded in, through slot moves."""
     from keel.kernels.cpu import kernels
     from keel.lora.layers import lora_store_dtype
     cpu = torch.device("cpu")
+    assert lora_store_dtype("auto", torch.float32, cpu) == torch.float32  # exact by default, everywhere
     if kernels() is None:
-        assert lora_store_dtype("auto", torch.float32, cpu) == torch.float32
         pytest.skip("keel's CPU kernels need Linux, AVX2, FMA and a C compiler")
-    assert lora_store_dtype("auto", torch.float32, cpu) == torch.bfloat16
+    assert lora_store_dtype("bfloat16", torch.float32, cpu) == torch.bfloat16
     assert lora_store_dtype("float32", torch.float32, cpu) == torch.float32
     assert lora_store_dtype("auto", torch.bfloat16, cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="float16"):

@@ -62,11 +62,17 @@ def test_system_fingerprint_follows_the_files_not_the_clock(server, tiny_ckpt, t
     def fingerprint(folder, dtype=engine.dtype, quantization=None):
         files = [f.replace(tiny_ckpt, folder) for f in engine.checkpoint_files]
         return system_fingerprint(SimpleNamespace(checkpoint_files=files, model_path=folder, dtype=dtype,
-                                                  device=engine.device, quantization=quantization))
+                                                  device=engine.device, quantization=quantization,
+                                                  backend=backend))
+    backend = engine.backend
     copy = str(tmp_path / "copy")
     shutil.copytree(tiny_ckpt, copy)  # new modification times, same bytes
     assert fingerprint(tiny_ckpt) == fingerprint(copy) == fp
     assert fingerprint(copy, dtype="bfloat16") != fp
+    from keel.kernels.backend import Backend
+    backend = Backend(engine.device, engine.dtype, None)  # other kernels compute the same files: another id
+    assert fingerprint(copy) != fp
+    backend = engine.backend
     int8, int4 = (fingerprint(copy, quantization=QuantConfig(m)) for m in ("int8", "int4"))
     assert len({fp, int8, int4, fingerprint(copy, quantization=QuantConfig("int4", 64))}) == 4
     config = json.loads((tmp_path / "copy" / "tokenizer_config.json").read_text())
