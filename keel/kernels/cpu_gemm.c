@@ -20,6 +20,15 @@
  * tile, at the end. Panels are split across OpenMP threads. With at most MB rows, INT4 and INT8G skip the
  * buffer: each weight is widened in registers and used at once (int4_few, int8_few).
  *
+ * Batch invariance: a row of y must come out bit for bit the same whatever M is, so every row count
+ * computes a row with one arithmetic. float32 and bfloat16: the tile's one accumulator per (row, output)
+ * summing K in order. INT4 and INT8G where the few-row path applies ("split" shapes, see split_ok): two
+ * accumulators per (row, output), the first and second 8 channels of each 16 (for INT4 the even and odd
+ * channels, x permuted to match), weights widened as code * s, and for INT4 the offsets
+ * sum_g (z_g - 8 s_g) * sum(x_g) added after the horizontal sum (quant_offsets, one function for both
+ * paths); with more than MB rows the panel path widens code * s into its buffer and tile_split sums it
+ * in that same order. Other shapes use the panel path's fma(code - 8, s, z) weights at every M.
+ *
  * K % 8 == 0; for INT4 group % 16 == 0, for INT8G group % 8 == 0, and K % group == 0.
  */
 #include "cpu_simd.h"
@@ -73,9 +82,10 @@ static void tile_any(const float *x, int64_t ldx, const float *w, int64_t ldw, f
     }
 }
 
-/* Widen rows [n0, n0 + p) of W into out [p, K] float32. */
+/* Widen rows [n0, n0 + p) of W into out [p, K] float32. plain: quantized weights as code * s (INT4's code
+ * unsigned, its zero point left to quant_offsets), the split shapes' arithmetic. */
 static void decode_panel(int fmt, const void *wp, const void *scale, const void *zero, int sdtype, int64_t group,
-                         int64_t n0, int64_t p, int64_t K, float *out) {
+                         int64_t n0, int64_t p, int64_t K, float *out, int plain) {
     const int64_t G = K / (group > 0 ? group : K);
     for (int64_t r = 0; r < p; r++) {
         int64_t n = n0 + r;
@@ -95,6 +105,11 @@ static void decode_panel(int fmt, const void *wp, const void *scale, const void 
                 __m256 s = _mm256_set1_ps(scalar(scale, sdtype, n * G + g)), z = _mm256_set1_ps(scalar(zero, sdtype, n * G + g));
                 for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
                     __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + k / 2)));
+                    if (plain) {
+                        _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(d, low)), s));
+                        _mm256_storeu_ps(o + k + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(d, 4)), s));
+                        continue;
+                    }
                     __m256 ev = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(d, low), eight));
                     __m256 od = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(d, 4), eight));
                     _mm256_storeu_ps(o + k, _mm256_fmadd_ps(ev, s, z));
@@ -134,6 +149,21 @@ static inline void widen(const void *t, int sdtype, int64_t off, int64_t G, floa
             _mm256_storeu_ps(out + g, _mm256_castsi256_ps(_mm256_slli_epi32(
                 _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)t + off + g))), 16)));
     for (; g < G; g++) out[g] = scalar(t, sdtype, off + g);
+}
+
+/* The INT4 offsets of output row n for rows of x i < mb: offs[i] = sum_g (z_g - 8 s_g) * xsum[i, g], in g
+ * order. Not inlined: the few-row and panel paths must round it the same way (one copy of the code). */
+__attribute__((noinline)) static void quant_offsets(const void *scale, const void *zero, int sdtype, int64_t G,
+                                                    const float *xsum, int64_t n, int mb, float *offs) {
+    for (int i = 0; i < mb; i++) offs[i] = 0.f;
+    for (int64_t g = 0; g < G; g++) {
+        volatile float s8 = 8.0f * scalar(scale, sdtype, n * G + g); /* volatile: no fused multiply-add */
+        float zp = scalar(zero, sdtype, n * G + g) - s8;
+        for (int i = 0; i < mb; i++) {
+            volatile float t = zp * xsum[i * G + g];
+            offs[i] += t;
+        }
+    }
 }
 
 /* The accumulators of the few-row paths, as named variables: held in an array, GCC kept them in memory and
@@ -194,19 +224,17 @@ static inline __attribute__((always_inline)) void int4_few(const float *xp, cons
                                                             const void *scale, const void *zero, int sdtype,
                                                             int64_t group, float *y, int64_t N, int64_t K,
                                                             int64_t n, const int mb, const int nb) {
-    const int split = mb <= 2;
+    const int split = 1; /* at every mb: the one arithmetic of the split shapes (see the top) */
     const int64_t G = K / group;
     float offs[MB][2] = {{0}};
     const int64_t B = K / 16;
     const int sh = __builtin_ctzll((unsigned long long)(group / 16)); /* block of 16 channels -> group */
-    float sf[2][FEW_MAXG], zg[FEW_MAXG];
+    float sf[2][FEW_MAXG];
     for (int j = 0; j < nb; j++) {
+        float o[MB];
         widen(scale, sdtype, (n + j) * G, G, sf[j]);
-        widen(zero, sdtype, (n + j) * G, G, zg);
-        for (int64_t g = 0; g < G; g++) {
-            float zp = zg[g] - 8.0f * sf[j][g];
-            for (int i = 0; i < mb; i++) offs[i][j] += zp * xsum[i * G + g];
-        }
+        quant_offsets(scale, zero, sdtype, G, xsum, n + j, mb, o);
+        for (int i = 0; i < mb; i++) offs[i][j] = o[i];
     }
     FEW_PAIRS(FEW_DECL)
     const uint8_t *w0 = w + n * (K / 2), *w1 = w0 + K / 2;
@@ -236,7 +264,7 @@ static void int4_few_any(const float *xp, const float *xsum, const uint8_t *w, c
 static inline __attribute__((always_inline)) void int8_few(const float *x, const int8_t *w, const void *scale,
                                                             int sdtype, int64_t G, int sh, float *y, int64_t N,
                                                             int64_t K, int64_t n, const int mb, const int nb) {
-    const int split = mb <= 2;
+    const int split = 1; /* at every mb: the one arithmetic of the split shapes (see the top) */
     const float offs[MB][2] = {{0}};
     float sf[2][FEW_MAXG];
     for (int j = 0; j < nb; j++) widen(scale, sdtype, (n + j) * G, G, sf[j]);
@@ -265,6 +293,48 @@ static void int8_few_any(const float *x, const int8_t *w, const void *scale, int
     FEW_SWITCH(INT8_FEW)
 }
 
+/* Like tile, in the split shapes' order: per (row, output) one accumulator for the first and one for the
+ * second 8 channels of each 16, summed lanes then added offs (INT4's offsets, or 0). K % 16 == 0. */
+static inline __attribute__((always_inline)) void tile_split(const float *x, int64_t ldx, const float *w, int64_t ldw,
+                                                              float *y, int64_t ldy, int64_t K, const int mb,
+                                                              const int nb, const float *offs, int64_t ldo) {
+    __m256 a[MB][2], b[MB][2];
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < nb; j++) a[i][j] = b[i][j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        for (int j = 0; j < nb; j++) {
+            __m256 wa = _mm256_loadu_ps(w + j * ldw + k), wb = _mm256_loadu_ps(w + j * ldw + k + 8);
+            for (int i = 0; i < mb; i++) {
+                a[i][j] = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x + i * ldx + k), a[i][j]);
+                b[i][j] = _mm256_fmadd_ps(wb, _mm256_loadu_ps(x + i * ldx + k + 8), b[i][j]);
+            }
+        }
+    }
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < nb; j++) y[i * ldy + j] = hsum(_mm256_add_ps(a[i][j], b[i][j])) + offs[j * ldo + i];
+}
+
+#define SPLIT_CASE(a, b) \
+    case (a) * 4 + (b): tile_split(x, ldx, w, ldw, y, ldy, K, a, b, offs, ldo); break;
+
+static void tile_split_any(const float *x, int64_t ldx, const float *w, int64_t ldw, float *y, int64_t ldy, int64_t K,
+                           int mb, int nb, const float *offs, int64_t ldo) {
+    switch (mb * 4 + nb) {
+        SPLIT_CASE(1, 1) SPLIT_CASE(1, 2) SPLIT_CASE(2, 1) SPLIT_CASE(2, 2)
+        SPLIT_CASE(3, 1) SPLIT_CASE(3, 2) SPLIT_CASE(4, 1) SPLIT_CASE(4, 2)
+    }
+}
+
+/* Do INT4 / INT8G weights of this shape take the few-row path (and so the split arithmetic)? */
+static int split_ok(int fmt, int64_t K, int64_t group) {
+    if (fmt == KEEL_W_INT8G) {
+        const int64_t G = K / group, blocks = group / 8;
+        return K % 16 == 0 && G <= FEW_MAXG && (G == 1 || (blocks & (blocks - 1)) == 0);
+    }
+    if (fmt == KEEL_W_INT4) return ((group / 16) & (group / 16 - 1)) == 0 && K / group <= FEW_MAXG;
+    return 0;
+}
+
 /* y [M, N] = x [M, K] Wᵀ. Returns 0, or -1 when a thread's scratch buffer could not be allocated. */
 int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const void *zero, int sdtype, int64_t group,
               float *y, int64_t M, int64_t N, int64_t K, int threads) {
@@ -281,30 +351,47 @@ int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const v
         permute16(x, xp, M, K);
         x = xp;
     }
-    if (fmt == KEEL_W_INT8G && M <= MB && K % 16 == 0 && K / group <= FEW_MAXG) {
-        const int64_t G = K / group, blocks = group / 8;
-        if (G == 1 || (blocks & (blocks - 1)) == 0) {
-            const int sh = G == 1 ? 62 : __builtin_ctzll((unsigned long long)blocks);
-#pragma omp parallel for schedule(static) num_threads(threads)
-            for (int64_t n = 0; n < N; n += 2)
-                int8_few_any(x, (const int8_t *)w, scale, sdtype, G, sh, y, N, K, n, (int)M, N - n < 2 ? 1 : 2);
-            return 0;
-        }
-    }
-    if (fmt == KEEL_W_INT4 && M <= MB && ((group / 16) & (group / 16 - 1)) == 0 && K / group <= FEW_MAXG) {
-        const int64_t G = K / group;
-        float xsum[MB * G];
+    const int split = split_ok(fmt, K, group);
+    const int64_t G = group > 0 ? K / group : 1;
+    float *xsum = NULL, *offs = NULL; /* INT4 split: group sums of x [M, G]; offsets [N, M] (panel path) */
+    if (split && fmt == KEEL_W_INT4) {
+        xsum = malloc(sizeof(float) * (size_t)(M * G));
+        if (xsum == NULL) { free(xp); return -1; }
         for (int64_t i = 0; i < M * G; i++) {
             float t = 0.f;
             for (int64_t k = 0; k < group; k++) t += x[i * group + k];
             xsum[i] = t;
         }
+    }
+    if (split && M <= MB) {
+        if (fmt == KEEL_W_INT8G) {
+            const int64_t blocks = group / 8;
+            const int sh = G == 1 ? 62 : __builtin_ctzll((unsigned long long)blocks);
 #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t n = 0; n < N; n += 2)
-            int4_few_any(x, xsum, (const uint8_t *)w, scale, zero, sdtype, group, y, N, K, n, (int)M,
-                         N - n < 2 ? 1 : 2);
+            for (int64_t n = 0; n < N; n += 2)
+                int8_few_any(x, (const int8_t *)w, scale, sdtype, G, sh, y, N, K, n, (int)M, N - n < 2 ? 1 : 2);
+        } else {
+#pragma omp parallel for schedule(static) num_threads(threads)
+            for (int64_t n = 0; n < N; n += 2)
+                int4_few_any(x, xsum, (const uint8_t *)w, scale, zero, sdtype, group, y, N, K, n, (int)M,
+                             N - n < 2 ? 1 : 2);
+        }
+        free(xsum);
         free(xp);
         return 0;
+    }
+    if (split) {
+        /* offsets per (output row, row of x), 0 for INT8G: added after the sum, as the few-row path does */
+        offs = calloc((size_t)(N * M), sizeof(float));
+        if (offs == NULL) { free(xsum); free(xp); return -1; }
+        if (fmt == KEEL_W_INT4) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+            for (int64_t n = 0; n < N; n++)
+                for (int64_t m0 = 0; m0 < M; m0 += MB) {
+                    int mb = (int)(M - m0 < MB ? M - m0 : MB);
+                    quant_offsets(scale, zero, sdtype, G, xsum + m0 * G, n, mb, offs + n * M + m0);
+                }
+        }
     }
 #pragma omp parallel num_threads(threads)
     {
@@ -321,11 +408,19 @@ int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const v
             if (fmt == KEEL_W_F32) {
                 wf = (const float *)w + n0 * K;
             } else {
-                decode_panel(fmt, w, scale, zero, sdtype, group, n0, p, K, scratch);
+                decode_panel(fmt, w, scale, zero, sdtype, group, n0, p, K, scratch, split);
                 wf = scratch;
             }
             for (int64_t m0 = 0; m0 < M; m0 += MB) {
                 int mb = (int)(M - m0 < MB ? M - m0 : MB);
+                if (split) {
+                    for (int64_t j0 = 0; j0 < p; j0 += 2) {
+                        int nb = (int)(p - j0 < 2 ? p - j0 : 2);
+                        tile_split_any(x + m0 * K, K, wf + j0 * K, K, y + m0 * N + n0 + j0, N, K, mb, nb,
+                                       offs + (n0 + j0) * M + m0, M);
+                    }
+                    continue;
+                }
                 for (int64_t j0 = 0; j0 < p; j0 += NB) {
                     int nb = (int)(p - j0 < NB ? p - j0 : NB);
                     tile_any(x + m0 * K, K, wf + j0 * K, K, y + m0 * N + n0 + j0, N, K, mb, nb);
@@ -334,6 +429,8 @@ int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const v
         }
         free(scratch);
     }
+    free(offs);
+    free(xsum);
     free(xp);
     return failed ? -1 : 0;
 }

@@ -90,3 +90,39 @@ def test_an_unwritable_kernel_cache_falls_back_instead_of_failing(tmp_path, monk
     with caplog.at_level("WARNING", logger="keel"):
         assert cpu._compile() is None
     assert "cannot be cached" in caplog.text and "KEEL_CACHE_DIR" in caplog.text
+
+
+def _isas():
+    from keel.kernels.cpu import runnable_isas
+    return runnable_isas() or ["avx2"]
+
+
+@pytest.mark.parametrize("isa", _isas())  # every build this CPU runs, whatever the default picks
+@pytest.mark.parametrize("fmt", ["f32", "bf16", "int4-g32", "int4-g48", "int8", "int8-g8", "int8-k24"])
+def test_each_row_is_the_same_at_every_row_count(isa, fmt):
+    """Batch invariance at the kernel: row i of x Wᵀ is bit for bit the same computed alone, in 3 rows or in
+    37 (the few-row path and the panel path), for every weight format and shape class."""
+    from keel.quant.int4 import pack_nibbles
+    own = kernels(isa)
+    if own is None:
+        pytest.skip(f"keel's {isa} kernels do not build here")
+    g = torch.Generator().manual_seed(3)
+    n, k = 19, (24 if fmt == "int8-k24" else 96 * 2)
+    args: tuple = ()
+    if fmt == "f32":
+        args = (W_F32, torch.randn(n, k, generator=g))
+    elif fmt == "bf16":
+        args = (W_BF16, torch.randn(n, k, generator=g).bfloat16())
+    elif fmt.startswith("int4"):
+        group = int(fmt.split("-g")[1])
+        codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+        args = (W_INT4, pack_nibbles(codes), (torch.rand(n, k // group, generator=g) + 0.1).half(),
+                torch.randn(n, k // group, generator=g).half(), group)
+    else:
+        group = 8 if fmt == "int8-g8" else k
+        args = (W_INT8G, torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g),
+                torch.rand(n, k // group, generator=g) + 0.1, None, group)
+    x = torch.randn(37, k, generator=g)
+    full = own.gemm(x, *args)
+    for rows in (slice(0, 1), slice(5, 6), slice(36, 37), slice(10, 13), slice(2, 6), slice(0, 5), slice(4, 21)):
+        assert torch.equal(own.gemm(x[rows].contiguous(), *args), full[rows]), rows
