@@ -151,17 +151,19 @@ static inline void widen(const void *t, int sdtype, int64_t off, int64_t G, floa
     for (; g < G; g++) out[g] = scalar(t, sdtype, off + g);
 }
 
-/* The INT4 offsets of output row n for rows of x i < mb: offs[i] = sum_g (z_g - 8 s_g) * xsum[i, g], in g
- * order. Not inlined: the few-row and panel paths must round it the same way (one copy of the code). */
+/* INT4 offsets of every output row n and row of x i: offs[n * M + i] = sum_g (z_g - 8 s_g) * xs[g * M + i], summed in
+ * g order (xs: the group sums of x, [G, M]). One function computes them for every path and row count, so a
+ * row's offset is rounded the same way whatever M is. */
 __attribute__((noinline)) static void quant_offsets(const void *scale, const void *zero, int sdtype, int64_t G,
-                                                    const float *xsum, int64_t n, int mb, float *offs) {
-    for (int i = 0; i < mb; i++) offs[i] = 0.f;
-    for (int64_t g = 0; g < G; g++) {
-        volatile float s8 = 8.0f * scalar(scale, sdtype, n * G + g); /* volatile: no fused multiply-add */
-        float zp = scalar(zero, sdtype, n * G + g) - s8;
-        for (int i = 0; i < mb; i++) {
-            volatile float t = zp * xsum[i * G + g];
-            offs[i] += t;
+                                                    const float *xs, int64_t M, int64_t N, float *offs, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        float *o = offs + n * M;
+        for (int64_t i = 0; i < M; i++) o[i] = 0.f;
+        for (int64_t g = 0; g < G; g++) {
+            const float zp = scalar(zero, sdtype, n * G + g) - 8.0f * scalar(scale, sdtype, n * G + g);
+            const float *x = xs + g * M;
+            for (int64_t i = 0; i < M; i++) o[i] += zp * x[i];
         }
     }
 }
@@ -218,9 +220,9 @@ static inline __attribute__((always_inline)) void widen_int8(const int8_t *p, __
 
 /* INT4 for a few rows (M <= MB), the weights widened in registers and never stored: output rows n..n+nb of
  * y = sum_g s_g * (x_g . code_g) + (z_g - 8 s_g) * sum(x_g). xp is x permuted by permute16 (the order
- * the codes widen in), xsum [M, G] the group sums of x. Two output rows at a time; with one or two
- * rows of x, even and odd channels go to separate accumulators (more independent FMA chains). */
-static inline __attribute__((always_inline)) void int4_few(const float *xp, const float *xsum, const uint8_t *w,
+ * the codes widen in), offa [N, M] the offsets (quant_offsets). Two output rows at a time; even and odd
+ * channels go to separate accumulators. */
+static inline __attribute__((always_inline)) void int4_few(const float *xp, const float *offa, const uint8_t *w,
                                                             const void *scale, const void *zero, int sdtype,
                                                             int64_t group, float *y, int64_t N, int64_t K,
                                                             int64_t n, const int mb, const int nb) {
@@ -230,11 +232,10 @@ static inline __attribute__((always_inline)) void int4_few(const float *xp, cons
     const int64_t B = K / 16;
     const int sh = __builtin_ctzll((unsigned long long)(group / 16)); /* block of 16 channels -> group */
     float sf[2][FEW_MAXG];
+    (void)zero;
     for (int j = 0; j < nb; j++) {
-        float o[MB];
         widen(scale, sdtype, (n + j) * G, G, sf[j]);
-        quant_offsets(scale, zero, sdtype, G, xsum, n + j, mb, o);
-        for (int i = 0; i < mb; i++) offs[i][j] = o[i];
+        for (int i = 0; i < mb; i++) offs[i][j] = offa[(n + j) * mb + i];
     }
     FEW_PAIRS(FEW_DECL)
     const uint8_t *w0 = w + n * (K / 2), *w1 = w0 + K / 2;
@@ -252,9 +253,9 @@ static inline __attribute__((always_inline)) void int4_few(const float *xp, cons
     FEW_PAIRS(FEW_OUT)
 }
 
-#define INT4_FEW(a, b) int4_few(xp, xsum, w, scale, zero, sdtype, group, y, N, K, n, a, b)
+#define INT4_FEW(a, b) int4_few(xp, offa, w, scale, zero, sdtype, group, y, N, K, n, a, b)
 
-static void int4_few_any(const float *xp, const float *xsum, const uint8_t *w, const void *scale, const void *zero,
+static void int4_few_any(const float *xp, const float *offa, const uint8_t *w, const void *scale, const void *zero,
                          int sdtype, int64_t group, float *y, int64_t N, int64_t K, int64_t n, int mb, int nb) {
     FEW_SWITCH(INT4_FEW)
 }
@@ -353,15 +354,21 @@ int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const v
     }
     const int split = split_ok(fmt, K, group);
     const int64_t G = group > 0 ? K / group : 1;
-    float *xsum = NULL, *offs = NULL; /* INT4 split: group sums of x [M, G]; offsets [N, M] (panel path) */
+    float *xsum = NULL, *offs = NULL; /* split: group sums of x [G, M] (INT4); offsets [N, M] (0 for INT8G) */
+    if (split) {
+        offs = calloc((size_t)(N * M), sizeof(float));
+        if (offs == NULL) { free(xp); return -1; }
+    }
     if (split && fmt == KEEL_W_INT4) {
         xsum = malloc(sizeof(float) * (size_t)(M * G));
-        if (xsum == NULL) { free(xp); return -1; }
-        for (int64_t i = 0; i < M * G; i++) {
-            float t = 0.f;
-            for (int64_t k = 0; k < group; k++) t += x[i * group + k];
-            xsum[i] = t;
-        }
+        if (xsum == NULL) { free(offs); free(xp); return -1; }
+        for (int64_t i = 0; i < M; i++)
+            for (int64_t g = 0; g < G; g++) {
+                float t = 0.f;
+                for (int64_t k = 0; k < group; k++) t += x[i * K + g * group + k];
+                xsum[g * M + i] = t;
+            }
+        quant_offsets(scale, zero, sdtype, G, xsum, M, N, offs, threads);
     }
     if (split && M <= MB) {
         if (fmt == KEEL_W_INT8G) {
@@ -373,25 +380,13 @@ int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const v
         } else {
 #pragma omp parallel for schedule(static) num_threads(threads)
             for (int64_t n = 0; n < N; n += 2)
-                int4_few_any(x, xsum, (const uint8_t *)w, scale, zero, sdtype, group, y, N, K, n, (int)M,
+                int4_few_any(x, offs, (const uint8_t *)w, scale, zero, sdtype, group, y, N, K, n, (int)M,
                              N - n < 2 ? 1 : 2);
         }
+        free(offs);
         free(xsum);
         free(xp);
         return 0;
-    }
-    if (split) {
-        /* offsets per (output row, row of x), 0 for INT8G: added after the sum, as the few-row path does */
-        offs = calloc((size_t)(N * M), sizeof(float));
-        if (offs == NULL) { free(xsum); free(xp); return -1; }
-        if (fmt == KEEL_W_INT4) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-            for (int64_t n = 0; n < N; n++)
-                for (int64_t m0 = 0; m0 < M; m0 += MB) {
-                    int mb = (int)(M - m0 < MB ? M - m0 : MB);
-                    quant_offsets(scale, zero, sdtype, G, xsum + m0 * G, n, mb, offs + n * M + m0);
-                }
-        }
     }
 #pragma omp parallel num_threads(threads)
     {
