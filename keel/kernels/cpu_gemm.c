@@ -18,16 +18,14 @@
  * register-tiled loop computes MB rows of x by NB panel rows at a time: MB * NB accumulators of 8 lanes
  * along K, one load of each x and w vector serving NB and MB FMAs. Sums across lanes happen once per
  * tile, at the end. Panels are split across OpenMP threads. With at most MB rows, INT4 and INT8G skip the
- * buffer: each weight is widened in registers and used at once (int4_few, int8_few).
+ * buffer: each weight is widened in registers and used at once (int4_few, int8_few), with the same
+ * operations and the same order of sums (see batch invariance below).
  *
- * Batch invariance: a row of y must come out bit for bit the same whatever M is, so every row count
- * computes a row with one arithmetic. float32 and bfloat16: the tile's one accumulator per (row, output)
- * summing K in order. INT4 and INT8G where the few-row path applies ("split" shapes, see split_ok): two
- * accumulators per (row, output), the first and second 8 channels of each 16 (for INT4 the even and odd
- * channels, x permuted to match), weights widened as code * s, and for INT4 the offsets
- * sum_g (z_g - 8 s_g) * sum(x_g) added after the horizontal sum (quant_offsets, one function for both
- * paths); with more than MB rows the panel path widens code * s into its buffer and tile_split sums it
- * in that same order. Other shapes use the panel path's fma(code - 8, s, z) weights at every M.
+ * Batch invariance: a row of y comes out bit for bit the same whatever M is. Every path computes a row with
+ * one arithmetic: weights widened as the panel path widens them (float32 as is, bfloat16 by a shift, INT4
+ * as fma(code - 8, s, z), INT8G as code * s), one accumulator of 8 lanes per (row, output row) summing K
+ * in order (for INT4 in the permuted order of permute16, the same in both paths), one horizontal sum at
+ * the end. The few-row paths differ only in keeping the widened weights in registers.
  *
  * K % 8 == 0; for INT4 group % 16 == 0, for INT8G group % 8 == 0, and K % group == 0.
  */
@@ -82,10 +80,9 @@ static void tile_any(const float *x, int64_t ldx, const float *w, int64_t ldw, f
     }
 }
 
-/* Widen rows [n0, n0 + p) of W into out [p, K] float32. plain: quantized weights as code * s (INT4's code
- * unsigned, its zero point left to quant_offsets), the split shapes' arithmetic. */
+/* Widen rows [n0, n0 + p) of W into out [p, K] float32. */
 static void decode_panel(int fmt, const void *wp, const void *scale, const void *zero, int sdtype, int64_t group,
-                         int64_t n0, int64_t p, int64_t K, float *out, int plain) {
+                         int64_t n0, int64_t p, int64_t K, float *out) {
     const int64_t G = K / (group > 0 ? group : K);
     for (int64_t r = 0; r < p; r++) {
         int64_t n = n0 + r;
@@ -105,11 +102,6 @@ static void decode_panel(int fmt, const void *wp, const void *scale, const void 
                 __m256 s = _mm256_set1_ps(scalar(scale, sdtype, n * G + g)), z = _mm256_set1_ps(scalar(zero, sdtype, n * G + g));
                 for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
                     __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + k / 2)));
-                    if (plain) {
-                        _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(d, low)), s));
-                        _mm256_storeu_ps(o + k + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(d, 4)), s));
-                        continue;
-                    }
                     __m256 ev = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(d, low), eight));
                     __m256 od = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(d, 4), eight));
                     _mm256_storeu_ps(o + k, _mm256_fmadd_ps(ev, s, z));
@@ -151,23 +143,6 @@ static inline void widen(const void *t, int sdtype, int64_t off, int64_t G, floa
     for (; g < G; g++) out[g] = scalar(t, sdtype, off + g);
 }
 
-/* INT4 offsets of every output row n and row of x i: offs[n * M + i] = sum_g (z_g - 8 s_g) * xs[g * M + i], summed in
- * g order (xs: the group sums of x, [G, M]). One function computes them for every path and row count, so a
- * row's offset is rounded the same way whatever M is. */
-__attribute__((noinline)) static void quant_offsets(const void *scale, const void *zero, int sdtype, int64_t G,
-                                                    const float *xs, int64_t M, int64_t N, float *offs, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) {
-        float *o = offs + n * M;
-        for (int64_t i = 0; i < M; i++) o[i] = 0.f;
-        for (int64_t g = 0; g < G; g++) {
-            const float zp = scalar(zero, sdtype, n * G + g) - 8.0f * scalar(scale, sdtype, n * G + g);
-            const float *x = xs + g * M;
-            for (int64_t i = 0; i < M; i++) o[i] += zp * x[i];
-        }
-    }
-}
-
 /* The accumulators of the few-row paths, as named variables: held in an array, GCC kept them in memory and
  * stored all of them on every iteration (4 stores per 32 weights), which bounded the loop. Pair (i, j):
  * row i of x, output row j; b: the odd channels / second half, when split. */
@@ -182,19 +157,21 @@ __attribute__((noinline)) static void quant_offsets(const void *scale, const voi
             a##i##j = _mm256_fmadd_ps(wb##j, xb##i, a##i##j);                             \
     }
 #define FEW_OUT(i, j) \
-    if (i < mb && j < nb) y[i * N + n + j] = hsum(split ? _mm256_add_ps(a##i##j, b##i##j) : a##i##j) + offs[i][j];
+    if (i < mb && j < nb) y[i * N + n + j] = hsum(split ? _mm256_add_ps(a##i##j, b##i##j) : a##i##j);
 #define FEW_LOADX(i, ptr)                                              \
     if (i < mb) {                                                      \
         xa##i = _mm256_loadu_ps((ptr) + i * K);                        \
         xb##i = _mm256_loadu_ps((ptr) + i * K + 8);                    \
     }
 
-/* 16 int4 weights of one row at p (8 bytes), times scale sv: the even channels to *a, the odd ones to *b. */
-static inline __attribute__((always_inline)) void widen_int4(const uint8_t *p, __m256 sv, __m256 *a, __m256 *b) {
-    const __m256i low = _mm256_set1_epi32(0x0F);
+/* 16 int4 weights of one row at p (8 bytes) as decode_panel widens them, (code - 8) * s + z in one fma:
+ * the even channels to *a, the odd ones to *b. */
+static inline __attribute__((always_inline)) void widen_int4(const uint8_t *p, __m256 sv, __m256 zv, __m256 *a,
+                                                              __m256 *b) {
+    const __m256i low = _mm256_set1_epi32(0x0F), eight = _mm256_set1_epi32(8);
     __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-    *a = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(d, low)), sv);
-    *b = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(d, 4)), sv);
+    *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(d, low), eight)), sv, zv);
+    *b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(d, 4), eight)), sv, zv);
 }
 
 /* 16 int8 weights of one row at p, the first 8 times s0 to *a, the next 8 times s1 to *b. */
@@ -219,32 +196,30 @@ static inline __attribute__((always_inline)) void widen_int8(const int8_t *p, __
     }
 
 /* INT4 for a few rows (M <= MB), the weights widened in registers and never stored: output rows n..n+nb of
- * y = sum_g s_g * (x_g . code_g) + (z_g - 8 s_g) * sum(x_g). xp is x permuted by permute16 (the order
- * the codes widen in), offa [N, M] the offsets (quant_offsets). Two output rows at a time; even and odd
- * channels go to separate accumulators. */
-static inline __attribute__((always_inline)) void int4_few(const float *xp, const float *offa, const uint8_t *w,
-                                                            const void *scale, const void *zero, int sdtype,
-                                                            int64_t group, float *y, int64_t N, int64_t K,
-                                                            int64_t n, const int mb, const int nb) {
-    const int split = 1; /* at every mb: the one arithmetic of the split shapes (see the top) */
+ * y = x . w, w = (code - 8) s + z as decode_panel widens it, summed in the panel path's order (see the
+ * top). xp is x permuted by permute16 (the order the codes widen in). Two output rows at a time. */
+static inline __attribute__((always_inline)) void int4_few(const float *xp, const uint8_t *w, const void *scale,
+                                                            const void *zero, int sdtype, int64_t group, float *y,
+                                                            int64_t N, int64_t K, int64_t n, const int mb,
+                                                            const int nb) {
+    const int split = 0; /* one accumulator, as tile */
     const int64_t G = K / group;
-    float offs[MB][2] = {{0}};
     const int64_t B = K / 16;
     const int sh = __builtin_ctzll((unsigned long long)(group / 16)); /* block of 16 channels -> group */
-    float sf[2][FEW_MAXG];
-    (void)zero;
+    float sf[2][FEW_MAXG], zf[2][FEW_MAXG];
     for (int j = 0; j < nb; j++) {
         widen(scale, sdtype, (n + j) * G, G, sf[j]);
-        for (int i = 0; i < mb; i++) offs[i][j] = offa[(n + j) * mb + i];
+        widen(zero, sdtype, (n + j) * G, G, zf[j]);
     }
     FEW_PAIRS(FEW_DECL)
     const uint8_t *w0 = w + n * (K / 2), *w1 = w0 + K / 2;
     for (int64_t bl = 0; bl < B; bl++) {
         __m256 wa0, wb0, wa1 = _mm256_setzero_ps(), wb1 = _mm256_setzero_ps();
         __m256 xa0, xb0, xa1 = wa1, xb1 = wa1, xa2 = wa1, xb2 = wa1, xa3 = wa1, xb3 = wa1;
-        widen_int4(w0 + 8 * bl, _mm256_broadcast_ss(&sf[0][bl >> sh]), &wa0, &wb0);
+        widen_int4(w0 + 8 * bl, _mm256_broadcast_ss(&sf[0][bl >> sh]), _mm256_broadcast_ss(&zf[0][bl >> sh]), &wa0, &wb0);
         if (nb > 1)
-            widen_int4(w1 + 8 * bl, _mm256_broadcast_ss(&sf[1][bl >> sh]), &wa1, &wb1);
+            widen_int4(w1 + 8 * bl, _mm256_broadcast_ss(&sf[1][bl >> sh]), _mm256_broadcast_ss(&zf[1][bl >> sh]),
+                       &wa1, &wb1);
         xa0 = _mm256_loadu_ps(xp + 16 * bl);
         xb0 = _mm256_loadu_ps(xp + 16 * bl + 8);
         FEW_LOADX(1, xp + 16 * bl) FEW_LOADX(2, xp + 16 * bl) FEW_LOADX(3, xp + 16 * bl)
@@ -253,9 +228,9 @@ static inline __attribute__((always_inline)) void int4_few(const float *xp, cons
     FEW_PAIRS(FEW_OUT)
 }
 
-#define INT4_FEW(a, b) int4_few(xp, offa, w, scale, zero, sdtype, group, y, N, K, n, a, b)
+#define INT4_FEW(a, b) int4_few(xp, w, scale, zero, sdtype, group, y, N, K, n, a, b)
 
-static void int4_few_any(const float *xp, const float *offa, const uint8_t *w, const void *scale, const void *zero,
+static void int4_few_any(const float *xp, const uint8_t *w, const void *scale, const void *zero,
                          int sdtype, int64_t group, float *y, int64_t N, int64_t K, int64_t n, int mb, int nb) {
     FEW_SWITCH(INT4_FEW)
 }
@@ -265,8 +240,7 @@ static void int4_few_any(const float *xp, const float *offa, const uint8_t *w, c
 static inline __attribute__((always_inline)) void int8_few(const float *x, const int8_t *w, const void *scale,
                                                             int sdtype, int64_t G, int sh, float *y, int64_t N,
                                                             int64_t K, int64_t n, const int mb, const int nb) {
-    const int split = 1; /* at every mb: the one arithmetic of the split shapes (see the top) */
-    const float offs[MB][2] = {{0}};
+    const int split = 0; /* one accumulator, as tile (see the top) */
     float sf[2][FEW_MAXG];
     for (int j = 0; j < nb; j++) widen(scale, sdtype, (n + j) * G, G, sf[j]);
     FEW_PAIRS(FEW_DECL)
@@ -294,48 +268,6 @@ static void int8_few_any(const float *x, const int8_t *w, const void *scale, int
     FEW_SWITCH(INT8_FEW)
 }
 
-/* Like tile, in the split shapes' order: per (row, output) one accumulator for the first and one for the
- * second 8 channels of each 16, summed lanes then added offs (INT4's offsets, or 0). K % 16 == 0. */
-static inline __attribute__((always_inline)) void tile_split(const float *x, int64_t ldx, const float *w, int64_t ldw,
-                                                              float *y, int64_t ldy, int64_t K, const int mb,
-                                                              const int nb, const float *offs, int64_t ldo) {
-    __m256 a[MB][2], b[MB][2];
-    for (int i = 0; i < mb; i++)
-        for (int j = 0; j < nb; j++) a[i][j] = b[i][j] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-        for (int j = 0; j < nb; j++) {
-            __m256 wa = _mm256_loadu_ps(w + j * ldw + k), wb = _mm256_loadu_ps(w + j * ldw + k + 8);
-            for (int i = 0; i < mb; i++) {
-                a[i][j] = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x + i * ldx + k), a[i][j]);
-                b[i][j] = _mm256_fmadd_ps(wb, _mm256_loadu_ps(x + i * ldx + k + 8), b[i][j]);
-            }
-        }
-    }
-    for (int i = 0; i < mb; i++)
-        for (int j = 0; j < nb; j++) y[i * ldy + j] = hsum(_mm256_add_ps(a[i][j], b[i][j])) + offs[j * ldo + i];
-}
-
-#define SPLIT_CASE(a, b) \
-    case (a) * 4 + (b): tile_split(x, ldx, w, ldw, y, ldy, K, a, b, offs, ldo); break;
-
-static void tile_split_any(const float *x, int64_t ldx, const float *w, int64_t ldw, float *y, int64_t ldy, int64_t K,
-                           int mb, int nb, const float *offs, int64_t ldo) {
-    switch (mb * 4 + nb) {
-        SPLIT_CASE(1, 1) SPLIT_CASE(1, 2) SPLIT_CASE(2, 1) SPLIT_CASE(2, 2)
-        SPLIT_CASE(3, 1) SPLIT_CASE(3, 2) SPLIT_CASE(4, 1) SPLIT_CASE(4, 2)
-    }
-}
-
-/* Do INT4 / INT8G weights of this shape take the few-row path (and so the split arithmetic)? */
-static int split_ok(int fmt, int64_t K, int64_t group) {
-    if (fmt == KEEL_W_INT8G) {
-        const int64_t G = K / group, blocks = group / 8;
-        return K % 16 == 0 && G <= FEW_MAXG && (G == 1 || (blocks & (blocks - 1)) == 0);
-    }
-    if (fmt == KEEL_W_INT4) return ((group / 16) & (group / 16 - 1)) == 0 && K / group <= FEW_MAXG;
-    return 0;
-}
-
 /* y [M, N] = x [M, K] Wᵀ. Returns 0, or -1 when a thread's scratch buffer could not be allocated. */
 int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const void *zero, int sdtype, int64_t group,
               float *y, int64_t M, int64_t N, int64_t K, int threads) {
@@ -352,39 +284,21 @@ int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const v
         permute16(x, xp, M, K);
         x = xp;
     }
-    const int split = split_ok(fmt, K, group);
-    const int64_t G = group > 0 ? K / group : 1;
-    float *xsum = NULL, *offs = NULL; /* split: group sums of x [G, M] (INT4); offsets [N, M] (0 for INT8G) */
-    if (split) {
-        offs = calloc((size_t)(N * M), sizeof(float));
-        if (offs == NULL) { free(xp); return -1; }
-    }
-    if (split && fmt == KEEL_W_INT4) {
-        xsum = malloc(sizeof(float) * (size_t)(M * G));
-        if (xsum == NULL) { free(offs); free(xp); return -1; }
-        for (int64_t i = 0; i < M; i++)
-            for (int64_t g = 0; g < G; g++) {
-                float t = 0.f;
-                for (int64_t k = 0; k < group; k++) t += x[i * K + g * group + k];
-                xsum[g * M + i] = t;
-            }
-        quant_offsets(scale, zero, sdtype, G, xsum, M, N, offs, threads);
-    }
-    if (split && M <= MB) {
-        if (fmt == KEEL_W_INT8G) {
-            const int64_t blocks = group / 8;
+    if (fmt == KEEL_W_INT8G && M <= MB && K % 16 == 0 && K / group <= FEW_MAXG) {
+        const int64_t G = K / group, blocks = group / 8;
+        if (G == 1 || (blocks & (blocks - 1)) == 0) {
             const int sh = G == 1 ? 62 : __builtin_ctzll((unsigned long long)blocks);
 #pragma omp parallel for schedule(static) num_threads(threads)
             for (int64_t n = 0; n < N; n += 2)
                 int8_few_any(x, (const int8_t *)w, scale, sdtype, G, sh, y, N, K, n, (int)M, N - n < 2 ? 1 : 2);
-        } else {
-#pragma omp parallel for schedule(static) num_threads(threads)
-            for (int64_t n = 0; n < N; n += 2)
-                int4_few_any(x, offs, (const uint8_t *)w, scale, zero, sdtype, group, y, N, K, n, (int)M,
-                             N - n < 2 ? 1 : 2);
+            return 0;
         }
-        free(offs);
-        free(xsum);
+    }
+    if (fmt == KEEL_W_INT4 && M <= MB && ((group / 16) & (group / 16 - 1)) == 0 && K / group <= FEW_MAXG) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = 0; n < N; n += 2)
+            int4_few_any(x, (const uint8_t *)w, scale, zero, sdtype, group, y, N, K, n, (int)M,
+                         N - n < 2 ? 1 : 2);
         free(xp);
         return 0;
     }
@@ -403,19 +317,11 @@ int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const v
             if (fmt == KEEL_W_F32) {
                 wf = (const float *)w + n0 * K;
             } else {
-                decode_panel(fmt, w, scale, zero, sdtype, group, n0, p, K, scratch, split);
+                decode_panel(fmt, w, scale, zero, sdtype, group, n0, p, K, scratch);
                 wf = scratch;
             }
             for (int64_t m0 = 0; m0 < M; m0 += MB) {
                 int mb = (int)(M - m0 < MB ? M - m0 : MB);
-                if (split) {
-                    for (int64_t j0 = 0; j0 < p; j0 += 2) {
-                        int nb = (int)(p - j0 < 2 ? p - j0 : 2);
-                        tile_split_any(x + m0 * K, K, wf + j0 * K, K, y + m0 * N + n0 + j0, N, K, mb, nb,
-                                       offs + (n0 + j0) * M + m0, M);
-                    }
-                    continue;
-                }
                 for (int64_t j0 = 0; j0 < p; j0 += NB) {
                     int nb = (int)(p - j0 < NB ? p - j0 : NB);
                     tile_any(x + m0 * K, K, wf + j0 * K, K, y + m0 * N + n0 + j0, N, K, mb, nb);
@@ -424,8 +330,6 @@ int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const v
         }
         free(scratch);
     }
-    free(offs);
-    free(xsum);
     free(xp);
     return failed ? -1 : 0;
 }
