@@ -93,9 +93,13 @@ class PagedAttention(nn.Module):
         ok = (self.k_cache is not None and self.k_cache.device.type == "cpu" and self.k_cache.dtype == torch.float32
               and self.head_dim % 8 == 0 and self.head_dim <= 256 and self.num_heads // self.num_kv_heads <= 16)
         self.own = backend.cpu_kernels() if ok else None
-        self.every_token = self.own is not None and backend.batch_invariant
-        backend.record("attention", "torch sdpa" if self.own is None else
-                       f"keel {self.own.isa}" + (" (every token)" if self.every_token else " (decode), torch sdpa (prefill)"))
+        on_cpu = self.k_cache is not None and self.k_cache.device.type == "cpu"
+        self.every_token = on_cpu and backend.batch_invariant
+        if self.own is not None:
+            impl = f"keel {self.own.isa}" + (" (every token)" if self.every_token else " (decode), torch sdpa (prefill)")
+        else:
+            impl = "torch sdpa" + (" (one query token at a time)" if self.every_token else "")
+        backend.record("attention", impl)
         backend.record("rotary+cache", f"keel {self.own.isa}" if self.own is not None else "torch")
 
     backend = None  # keel.kernels.backend.Backend, set by the model's prepare()
@@ -107,7 +111,7 @@ class PagedAttention(nn.Module):
         if not cached:
             self.k_cache.index_copy_(0, meta.slot_mapping, k)
             self.v_cache.index_copy_(0, meta.slot_mapping, v)
-        B, Q, H, D = meta.batch_size, meta.max_query_len, self.num_heads, self.head_dim
+        Q, D = meta.max_query_len, self.head_dim
         if (self.own is not None and meta.context_lens is not None and q.dtype == torch.float32
                 and q.stride(2) == 1 and q.stride(1) == D):
             if Q == 1:
@@ -119,6 +123,33 @@ class PagedAttention(nn.Module):
                 tables, lens = meta.per_token()
                 return self.own.decode_attention(q, self.k_cache, self.v_cache, tables, lens,
                                                  meta.block_size, self.scale)
+        if self.every_token and self.own is None and meta.context_lens is not None:
+            return self._one_query_at_a_time(q, meta)
+        return self._batched(q, meta)
+
+    def _one_query_at_a_time(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Batch-invariant attention without keel's kernel (PyTorch's operators, or a bfloat16 cache): each
+        token's SDPA call has one query over exactly its causal context, the same shapes and strides
+        whether it comes in a decode step, a prefill chunk of any size or a batch of any composition. One
+        call per token: slower than the batched path, which pads every request to the longest context
+        (and so sums differently with the batch)."""
+        H, KVH, D, bs = self.num_heads, self.num_kv_heads, self.head_dim, meta.block_size
+        out = q.new_empty(q.shape[0], H * D)
+        t = 0
+        for b, (qn, c) in enumerate(zip(meta.query_lens, meta.context_lens.tolist())):
+            blocks = meta.gather_blocks[b, :-(-c // bs)]
+            keys = self.k_cache.view(-1, bs, KVH, D).index_select(0, blocks).view(-1, KVH, D).transpose(0, 1)
+            values = self.v_cache.view(-1, bs, KVH, D).index_select(0, blocks).view(-1, KVH, D).transpose(0, 1)
+            for i in range(qn):
+                n = c - qn + i + 1
+                o = F.scaled_dot_product_attention(q[t + i].view(1, H, 1, D), keys[None, :, :n], values[None, :, :n],
+                                                   scale=self.scale, enable_gqa=H != KVH)
+                out[t + i] = o.view(H * D)
+            t += qn
+        return out
+
+    def _batched(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        B, Q, H, D = meta.batch_size, meta.max_query_len, self.num_heads, self.head_dim
         # Whole blocks by index_select: 5x faster on CPU than indexing slot by slot (bench/kernels.py).
         blocks = meta.gather_blocks.view(-1)
         shape = (B, -1, self.num_kv_heads, D)

@@ -30,6 +30,8 @@ PATHS = {
     "bf16-weights": dict(weight_dtype="bfloat16"),
     "int8": dict(quantization=QuantConfig("int8")),
     "int4": dict(quantization=QuantConfig("int4", 32)),
+    "bf16": dict(dtype="bfloat16"),  # bfloat16 activations and cache: keel's matmul, PyTorch's attention
+    "torch": dict(kernels="torch"),  # PyTorch's operators only: fixed-size matmul blocks, one query per SDPA
 }
 
 
@@ -55,7 +57,7 @@ def signature(output):
 
 
 def engines(ckpt: str, path: str, adapters: dict | None):
-    kw = dict(PATHS[path], dtype="float32", kernels="keel", block_size=4)
+    kw = dict(dict(dtype="float32", kernels="keel", block_size=4), **PATHS[path])
     lora = dict(enable_lora=True, max_loras=2, max_lora_rank=16) if adapters else {}
     solo = LLM(ckpt, num_blocks=256, enable_prefix_caching=False, **kw, **lora)
     # small budget and cache: prefill chunks mix with decodes, prompts are chunked, requests get preempted,
@@ -119,7 +121,7 @@ def test_forty_requests_alone_and_mixed_are_identical(setup, path):
     check(ckpt, path, 40, seed=1, adapters=None)
 
 
-@pytest.mark.parametrize("path", ["float32", "int4"])
+@pytest.mark.parametrize("path", ["float32", "int4", "bf16", "torch"])
 def test_forty_requests_with_adapters_alone_and_mixed_are_identical(setup, path):
     ckpt, _, adapters = setup
     check(ckpt, path, 40, seed=2, adapters=adapters)
@@ -131,3 +133,16 @@ def test_forty_requests_with_adapters_alone_and_mixed_are_identical(setup, path)
 def test_two_hundred_requests_alone_and_mixed_are_identical(setup, path, lora):
     ckpt, _, adapters = setup
     check(ckpt, path, 200, seed=3, adapters=adapters if lora else None)
+
+
+@pytest.mark.parametrize("path", ["float32", "torch"])
+def test_the_check_catches_a_batch_dependent_engine(setup, path):
+    """Negative control: with batch_invariant=False (prefill attention through batched SDPA, matmuls free to
+    pick their blocking) the same comparison finds differences, so the tests above can fail."""
+    ckpt, _, _ = setup
+    PATHS[f"{path}-variant"] = dict(PATHS[path], batch_invariant=False)
+    try:
+        with pytest.raises(AssertionError, match="differ from their solo run"):
+            check(ckpt, f"{path}-variant", 40, seed=1, adapters=None)
+    finally:
+        del PATHS[f"{path}-variant"]
