@@ -38,10 +38,20 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+def _backends() -> list[str]:
+    """Every code path this machine can run, whatever it would pick: each build of keel's CPU kernels,
+    and PyTorch's operators."""
+    from keel.kernels.cpu import kernels, runnable_isas
+    return [f"keel-{isa}" for isa in runnable_isas() if kernels(isa) is not None] + ["torch"]
+
+
+@pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_family_matches_transformers(case, checkpoints):
+def test_family_matches_transformers(case, backend, checkpoints):
     folder, hf = checkpoints(case)
-    llm = LLM(folder, dtype="float32", num_blocks=64, block_size=4)
+    kernels, _, isa = backend.partition("-")
+    llm = LLM(folder, dtype="float32", num_blocks=64, block_size=4, kernels=kernels, cpu_isa=isa or None)
+    assert llm.engine.backend.isa == (isa or None)
     for prompt, ours in zip(PROMPTS, keel_logits(llm, PROMPTS)):
         with torch.no_grad():
             ref = hf(torch.tensor([prompt])).logits[0].float()

@@ -256,6 +256,12 @@ def test_metrics(server, client):
         text = http.get("/metrics").text
     assert "# TYPE keel_time_to_first_token_seconds histogram" in text
     assert "# TYPE keel_prompt_tokens_total counter" in text
+    # which code computes each layer, as chosen at start
+    backend = server.state.engine.backend
+    kinds = [line for line in text.splitlines() if line.startswith("keel_kernel_info{")]
+    assert len(kinds) == len(backend.table()) and all(line.endswith("} 1") for line in kinds)
+    assert any('layer="attention"' in line for line in kinds)
+    assert all(f'isa="{backend.isa or "none"}"' in line and 'batch_invariant="true"' in line for line in kinds)
 
 
 @pytest.mark.parametrize("default, expected", [(5, 5), (None, "context")])

@@ -210,3 +210,23 @@ def test_a_second_ctrl_c_ends_requests_at_once_and_cleanly(tiny_ckpt):
         assert time.monotonic() - sent < 20
     finally:
         p.kill()
+
+
+def test_serve_kernel_flags_and_summary(tiny_ckpt, monkeypatch, capsys):
+    """--kernels torch, --no-batch-invariant and --kv-cache-memory reach the engine, and the start summary
+    lists which code computes each layer and how the KV cache was sized."""
+    ran = serve(monkeypatch, tiny_ckpt, "--kernels", "torch", "--no-batch-invariant", "--kv-cache-memory", "0.002")
+    engine = ran["state"].engine
+    assert engine.backend.cpu is None and not engine.backend.batch_invariant
+    assert engine.cache_config.kv_cache_memory_gb == 0.002
+    summary = capsys.readouterr().err
+    for part in ("kernels", "attention: torch sdpa", "PyTorch's operators, not batch-invariant",
+                 "--kv-cache-memory 0.002 GiB"):
+        assert part in summary, summary
+
+
+def test_serve_refuses_an_isa_this_cpu_lacks(tiny_ckpt, monkeypatch, capsys):
+    from keel.kernels import cpu
+    monkeypatch.setattr(cpu, "runnable_isas", lambda flags=None: ["avx2"])
+    assert main(["serve", tiny_ckpt, "--cpu-isa", "avx512", "--port", "0", "--state-db", ":memory:"]) != 0
+    assert "cpu_isa=avx512 needs CPU features" in capsys.readouterr().err
