@@ -38,3 +38,35 @@ def test_decode_stack_matches_the_module_path_bit_for_bit(checkpoints, case, qua
     else:
         assert isinstance(fused.engine.model.decode_stack, DecodeStack)
         assert max(calls) == len(PROMPTS) and len(calls) >= 2 * 9  # every decode step of both runs
+
+
+def test_the_stack_is_built_once_at_start_and_follows_tensors_that_move(checkpoints):
+    """Built with the engine (not lazily at a first forward); it keeps every tensor it points at alive, and
+    when one is replaced (a KV cache reallocated, a weight swapped) the next step rebuilds it over the new
+    tensors instead of writing through stale addresses."""
+    import torch
+    folder, _ = checkpoints("llama-gqa")
+    llm = LLM(folder, dtype="float32", max_model_len=128)
+    model = llm.engine.model
+    stack = model.decode_stack
+    assert isinstance(stack, DecodeStack) and not stack.moved()
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
+    want = llm.generate(PROMPTS, greedy)
+    attn = model.model.layers[1].self_attn.attn
+    old = attn.k_cache
+    snapshot = old.clone()
+    attn.k_cache = old.clone()  # the same contents at a new address
+    for i, t in enumerate(llm.engine.runner.kv_caches):
+        if t is old:
+            llm.engine.runner.kv_caches[i] = attn.k_cache
+    assert stack.moved()
+    proj = model.model.layers[0].mlp.down_proj
+    proj.weight = torch.nn.Parameter(proj.weight.data.clone(), requires_grad=False)  # a weight swapped
+    got = llm.generate(PROMPTS, greedy)
+    assert model.decode_stack is not stack and isinstance(model.decode_stack, DecodeStack)
+    assert not model.decode_stack.moved()
+    for x, y in zip(want, got):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        assert [lp.top for lp in x.outputs[0].logprobs] == [lp.top for lp in y.outputs[0].logprobs]
+    # the new cache, not the old one, got this run's keys: nothing wrote through the old address
+    assert torch.equal(old, snapshot) and not torch.equal(attn.k_cache, snapshot)
