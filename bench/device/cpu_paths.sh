@@ -15,9 +15,12 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
   python -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
   python -c "from keel.kernels.cpu import runnable_isas, kernels; r = runnable_isas(); print('runnable', r); print({i: kernels(i) is not None for i in r})"
 } 2>&1 | tee "$OUT/machine.txt"
-T="tests/engine/test_gemm_kernel.py tests/engine/test_decode_kernels.py tests/engine/test_batch_invariance.py tests/unit/test_device.py tests/models/test_fused_decode.py tests/quant/test_layers.py"
+T="tests/models/test_parity.py tests/engine/test_gemm_kernel.py tests/engine/test_decode_kernels.py tests/engine/test_batch_invariance.py tests/unit/test_device.py tests/models/test_fused_decode.py tests/quant/test_layers.py"
 timeout 300 python -m pytest -q -p no:cacheprovider -m "not slow" $T 2>&1 | tail -25 | tee "$OUT/tests-auto.txt"
 for isa in avx2 avx512; do
   KEEL_CPU_ISA=$isa timeout 120 python -m pytest -q -p no:cacheprovider -m "not slow" \
     tests/engine/test_batch_invariance.py tests/models/test_fused_decode.py 2>&1 | tail -6 | tee "$OUT/tests-$isa.txt"
 done
+if [ -n "$WITH_DECODE_BENCH" ]; then
+  timeout 300 python bench/device/cpu_decode.py "$OUT/cpu_decode.json" 2>&1 | grep -v -i -E "warn|shards|Loading" | tee "$OUT/cpu_decode.txt"
+fi

@@ -80,6 +80,42 @@ static void tile_any(const float *x, int64_t ldx, const float *w, int64_t ldw, f
     }
 }
 
+#ifdef __AVX512F__
+/* The AVX-512 build: float32 and bfloat16 weights (no few-row path to agree with) are summed in 16 lanes,
+ * K % 16 == 0; one accumulator per (row, output row) summing K in order, reduced once at the end, at every
+ * row count. Quantized formats keep the 8-lane tile, which their few-row paths match. */
+static inline __attribute__((always_inline)) void tile16(const float *x, int64_t ldx, const float *w, int64_t ldw,
+                                                          float *y, int64_t ldy, int64_t K, const int mb,
+                                                          const int nb) {
+    __m512 acc[MB][NB];
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < nb; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        __m512 xv[MB];
+        for (int i = 0; i < mb; i++) xv[i] = _mm512_loadu_ps(x + i * ldx + k);
+        for (int j = 0; j < nb; j++) {
+            __m512 wv = _mm512_loadu_ps(w + j * ldw + k);
+            for (int i = 0; i < mb; i++) acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);
+        }
+    }
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < nb; j++) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+#define TILE16_CASE(a, b) \
+    case (a) * 4 + (b): tile16(x, ldx, w, ldw, y, ldy, K, a, b); break;
+
+static void tile16_any(const float *x, int64_t ldx, const float *w, int64_t ldw, float *y, int64_t ldy, int64_t K,
+                       int mb, int nb) {
+    switch (mb * 4 + nb) {
+        TILE16_CASE(1, 1) TILE16_CASE(1, 2) TILE16_CASE(1, 3)
+        TILE16_CASE(2, 1) TILE16_CASE(2, 2) TILE16_CASE(2, 3)
+        TILE16_CASE(3, 1) TILE16_CASE(3, 2) TILE16_CASE(3, 3)
+        TILE16_CASE(4, 1) TILE16_CASE(4, 2) TILE16_CASE(4, 3)
+    }
+}
+#endif
+
 /* Widen rows [n0, n0 + p) of W into out [p, K] float32. */
 static void decode_panel(int fmt, const void *wp, const void *scale, const void *zero, int sdtype, int64_t group,
                          int64_t n0, int64_t p, int64_t K, float *out) {
@@ -277,6 +313,9 @@ int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const v
     if (fmt == KEEL_W_F32) P = 4 * NB;
     const int64_t panels = (N + P - 1) / P;
     int failed = 0;
+#ifdef __AVX512F__
+    const int wide = (fmt == KEEL_W_F32 || fmt == KEEL_W_BF16) && K % 16 == 0;
+#endif
     float *xp = NULL;
     if (fmt == KEEL_W_INT4) {
         xp = aligned_alloc(64, ((size_t)(M * K * 4) + 63) / 64 * 64);
@@ -324,7 +363,12 @@ int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const v
                 int mb = (int)(M - m0 < MB ? M - m0 : MB);
                 for (int64_t j0 = 0; j0 < p; j0 += NB) {
                     int nb = (int)(p - j0 < NB ? p - j0 : NB);
-                    tile_any(x + m0 * K, K, wf + j0 * K, K, y + m0 * N + n0 + j0, N, K, mb, nb);
+#ifdef __AVX512F__
+                    if (wide)
+                        tile16_any(x + m0 * K, K, wf + j0 * K, K, y + m0 * N + n0 + j0, N, K, mb, nb);
+                    else
+#endif
+                        tile_any(x + m0 * K, K, wf + j0 * K, K, y + m0 * N + n0 + j0, N, K, mb, nb);
                 }
             }
         }

@@ -21,9 +21,13 @@ def _check(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
     assert ((got.double() - want).abs() <= bound).all(), (got.double() - want).abs().max()
 
 
-@pytest.mark.parametrize("n,k", [(1, 16), (2, 32), (3, 48), (7, 64), (13, 96), (50, 128)])
-def test_float_formats(n, k):
-    own = kernels()
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("n,k", [(1, 16), (2, 32), (3, 48), (7, 64), (13, 96), (50, 128), (5, 40)])
+def test_float_formats(n, k, isa):
+    from keel.kernels.cpu import runnable_isas
+    own = kernels(isa) if isa in runnable_isas() else None
+    if own is None:
+        pytest.skip(f"this CPU does not run keel's {isa} build")
     g = torch.Generator().manual_seed(n * k)
     w = torch.randn(n, k, generator=g)
     for m in ROWS:
@@ -98,7 +102,7 @@ def _isas():
 
 
 @pytest.mark.parametrize("isa", _isas())  # every build this CPU runs, whatever the default picks
-@pytest.mark.parametrize("fmt", ["f32", "bf16", "int4-g32", "int4-g48", "int8", "int8-g8", "int8-k24"])
+@pytest.mark.parametrize("fmt", ["f32", "f32-k24", "bf16", "int4-g32", "int4-g48", "int8", "int8-g8", "int8-k24"])
 def test_each_row_is_the_same_at_every_row_count(isa, fmt):
     """Batch invariance at the kernel: row i of x Wᵀ is bit for bit the same computed alone, in 3 rows or in
     37 (the few-row path and the panel path), for every weight format and shape class."""
@@ -107,9 +111,9 @@ def test_each_row_is_the_same_at_every_row_count(isa, fmt):
     if own is None:
         pytest.skip(f"keel's {isa} kernels do not build here")
     g = torch.Generator().manual_seed(3)
-    n, k = 19, (24 if fmt == "int8-k24" else 96 * 2)
+    n, k = 19, (24 if fmt.endswith("k24") else 96 * 2)
     args: tuple = ()
-    if fmt == "f32":
+    if fmt.startswith("f32"):
         args = (W_F32, torch.randn(n, k, generator=g))
     elif fmt == "bf16":
         args = (W_BF16, torch.randn(n, k, generator=g).bfloat16())
