@@ -258,9 +258,9 @@ def main() -> None:
     warm = [first_token_seconds(llm, f"warm-{k}", cold_names[0], "Write a haiku about the sea.") for k in range(5)]
     base_ttft = [first_token_seconds(llm, f"base-{k}", None, "Write a haiku about the sea.") for k in range(5)]
     lora_store = str(eng.lora.store_dtype).replace("torch.", "")
+    quant = eng.quantization
     del llm, eng
 
-    quant = eng.quantization
     weights = "dense" if quant is None else "its GGUF blocks" if quant.method == "gguf" else quant.describe()
 
     def write_report() -> None:

@@ -44,23 +44,6 @@ class _Group:
 WEIGHT_DTYPES = ("auto", "bfloat16", "model")
 
 
-def default_gguf_quantization(ckpt, device: torch.device, dtype: torch.dtype, backend=None):
-    """A GGUF file's weights in Q4_0/Q4_1/Q8_0 blocks are served as they are (QuantConfig("gguf")) on a
-    CPU where keel's kernels compute a float32 model with them: what llama.cpp and Ollama users expect,
-    the file's weights exactly (scales and zeros kept in float16), a quarter to a sixth of the memory of
-    dequantized float32, and faster decoding (bench/results/decode.md). Elsewhere (GPUs, bfloat16, no
-    kernels) the blocks are dequantized as before. None: dequantize."""
-    from keel.kernels.backend import default_backend
-    from keel.quant.config import QuantConfig
-    from keel.quant.gguf_blocks import DIRECT_TYPES
-    backend = backend or default_backend(device)
-    if not ckpt.tensor_types or device.type != "cpu" or dtype != torch.float32 or backend.cpu_kernels() is None:
-        return None
-    if not any(t in DIRECT_TYPES for t in ckpt.tensor_types.values()):
-        return None
-    return QuantConfig("gguf")
-
-
 class LLMEngine:
     def __init__(self, model: str | None = None, *, dtype=None, device: str | None = None,
                  cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None,
@@ -91,6 +74,7 @@ class LLMEngine:
         self.model_path = resolve_model(model)
         ckpt = open_checkpoint(self.model_path)
         if auto_quantization:
+            from keel.quant.gguf_blocks import default_gguf_quantization
             quantization = default_gguf_quantization(ckpt, self.device, self.dtype, self.backend)
         self.model_name = DEFAULT_MODEL_NAME if model is None else ckpt.name
         self.model_config = cfg = ckpt.config
@@ -109,16 +93,9 @@ class LLMEngine:
         self.quantization = resolve_quantization(ckpt.quantization, quantization, ckpt.name)
         self.model.prepare(self.backend, weight_dtype)
 
+        from keel.engine.memory import kv_cache_blocks
         per_token = ModelRunner.kv_bytes_per_token(cfg, self.dtype)
-        num_blocks, sized = cache.num_blocks, f"num_blocks={cache.num_blocks}"
-        if num_blocks is None:
-            from keel.engine.memory import kv_cache_bytes
-            budget, sized = kv_cache_bytes(cache, self.device)
-            by_memory = budget // (per_token * cache.block_size)
-            needed = sched_cfg.max_num_seqs * -(-limit // cache.block_size)
-            num_blocks = max(1, min(by_memory, needed))
-            if by_memory >= needed:
-                sized += f", capped at what {sched_cfg.max_num_seqs} full contexts need"
+        num_blocks, sized = kv_cache_blocks(cache, sched_cfg.max_num_seqs, limit, per_token, self.device)
         # A single request must always fit in the cache, or preemption could never make room for it.
         self.max_model_len = min(limit, num_blocks * cache.block_size)
         sched_cfg.max_model_len = self.max_model_len

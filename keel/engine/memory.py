@@ -45,3 +45,16 @@ def kv_cache_bytes(cache, device: torch.device) -> tuple[int, str]:
         return 1 << 30, "1 GiB (available memory unknown)"
     share = min(MAX_CPU_BYTES, max(MIN_CPU_BYTES, int(avail * CPU_SHARE)))
     return share, f"auto: {CPU_SHARE:g} of {avail / 2**30:.1f} GiB available, within 0.25-4 GiB"
+
+
+def kv_cache_blocks(cache, max_num_seqs: int, max_len: int, per_token: int, device: torch.device) -> tuple[int, str]:
+    """(KV blocks, how the number was decided): cache.num_blocks where given, else the memory budget
+    (kv_cache_bytes), capped by what max_num_seqs sequences of max_len tokens need."""
+    if cache.num_blocks is not None:
+        return cache.num_blocks, f"num_blocks={cache.num_blocks}"
+    budget, sized = kv_cache_bytes(cache, device)
+    by_memory = budget // (per_token * cache.block_size)
+    needed = max_num_seqs * -(-max_len // cache.block_size)
+    if by_memory >= needed:
+        sized += f", capped at what {max_num_seqs} full contexts need"
+    return max(1, min(by_memory, needed)), sized

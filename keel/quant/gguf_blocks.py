@@ -55,3 +55,19 @@ def gguf_to_int8(blocks: GGUFBlocks) -> dict[str, torch.Tensor]:
     raw = torch.from_numpy(blocks.data).view(rows, cols // 32, 34)
     scales = raw[..., :2].contiguous().view(torch.float16)[..., 0]
     return {"qweight": raw[..., 2:].contiguous().view(torch.int8).reshape(rows, cols), "scales": scales}
+
+
+def default_gguf_quantization(ckpt, device: torch.device, dtype: torch.dtype, backend=None):
+    """A GGUF file's weights in Q4_0/Q4_1/Q8_0 blocks are served as they are (QuantConfig("gguf")) on a
+    CPU where keel's kernels compute a float32 model with them: what llama.cpp and Ollama users expect,
+    the file's weights exactly (scales and zeros kept in float16), a quarter to a sixth of the memory of
+    dequantized float32, and faster decoding (bench/results/decode.md). Elsewhere (GPUs, bfloat16, no
+    kernels) the blocks are dequantized as before. None: dequantize."""
+    from keel.kernels.backend import default_backend
+    from keel.quant.config import QuantConfig
+    backend = backend or default_backend(device)
+    if not ckpt.tensor_types or device.type != "cpu" or dtype != torch.float32 or backend.cpu_kernels() is None:
+        return None
+    if not any(t in DIRECT_TYPES for t in ckpt.tensor_types.values()):
+        return None
+    return QuantConfig("gguf")

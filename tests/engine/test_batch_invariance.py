@@ -111,7 +111,7 @@ def check(ckpt: str, path: str, n: int, seed: int, adapters: dict | None) -> Non
 
 
 @pytest.fixture(scope="module")
-def setup(lora_case):
+def setup(lora_case):  # noqa: F811 (the fixture imported above)
     return lora_case("llama-gqa")
 
 
