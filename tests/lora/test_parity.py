@@ -124,3 +124,21 @@ def test_logits_close_to_peft(setup):
         span = (ref.max() - ref.min()).item()
         diff = (ours - ref).abs().max().item()
         assert diff <= 1e-4 * span, f"{case}/{name}: max |logit diff| {diff:.3g} over range {span:.3g}"
+
+
+def test_pytorch_path_matches_peft_alone_and_mixed(lora_case):
+    """The same PEFT parity with keel's kernels off (--kernels torch): adapters through fixed-size row
+    blocks, attention one query at a time."""
+    ckpt, hf, adapters = lora_case("llama-gqa")
+    llm = LLM(ckpt, dtype="float32", num_blocks=256, block_size=4, enable_lora=True, max_loras=len(ADAPTERS),
+              kernels="torch")
+    assert llm.engine.backend.cpu is None
+    for name, (folder, _) in adapters.items():
+        llm.add_lora(name, folder)
+    names = [None] + list(adapters)
+    jobs = [(n, k) for k in range(len(PROMPTS)) for n in names]
+    outs = llm.generate([PROMPTS[k] for _, k in jobs], GREEDY,
+                        lora_request=[None if n is None else LoRARequest(n) for n, _ in jobs])
+    for (n, k), out in zip(jobs, outs):
+        pm = hf if n is None else adapters[n][1]
+        assert out.outputs[0].token_ids == hf_greedy(pm, PROMPTS[k], 24), (n, k)
