@@ -1,11 +1,14 @@
 """What batch invariance costs: keel's default (batch-invariant) against --no-batch-invariant, and against
 a baseline revision from before batch invariance (its default), in the same run, on the built-in model.
 
-    .venv/bin/python -m bench.invariance [--baseline-rev 6943549] [--out bench/results/invariance.md]
+    .venv/bin/python -m bench.invariance [--baseline-rev 6943549] [--rounds 3] [--out bench/results/invariance.md]
 
 Measured per configuration: greedy decode tok/s at batch 1 and 16 (64 new tokens after a short prompt),
-and prefill tok/s of one 1000-token prompt (max_tokens=1). The baseline runs in a git worktree of that
-revision in a subprocess, with the same measuring code (this file, passed on stdin).
+and prefill tok/s of one 1000-token prompt (max_tokens=1). Every configuration runs in its own process,
+the configurations interleaved round by round (on a shared 2-core machine the speed drifts by 10-20%
+over minutes, which a run of one configuration after the other turns into a false ratio); the table
+gives each one's median over the rounds. The baseline runs in a git worktree of that revision with the
+same measuring code (this file, passed on stdin).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,20 +55,14 @@ def measure(kwargs: dict) -> dict:
     return out
 
 
-def baseline(rev: str) -> dict:
-    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True).stdout.strip()
-    with tempfile.TemporaryDirectory() as tmp:
-        tree = os.path.join(tmp, "tree")
-        subprocess.run(["git", "-C", root, "worktree", "add", "--detach", tree, rev], check=True, capture_output=True)
-        try:
-            code = open(__file__).read().split("\nif __name__ ==")[0] + "\nprint(json.dumps(measure({})))\n"
-            r = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, cwd=tree,
-                               env={**os.environ, "PYTHONPATH": tree})
-            if r.returncode:
-                raise RuntimeError(f"the baseline run failed: {r.stderr[-2000:]}")
-            return json.loads(r.stdout.strip().splitlines()[-1])
-        finally:
-            subprocess.run(["git", "-C", root, "worktree", "remove", "--force", tree], capture_output=True)
+def run_in(tree: str, kwargs: dict) -> dict:
+    """measure(kwargs) in a fresh process importing keel from `tree`."""
+    code = open(__file__).read().split("\nif __name__ ==")[0] + f"\nprint(json.dumps(measure({kwargs!r})))\n"
+    r = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, cwd=tree,
+                       env={**os.environ, "PYTHONPATH": tree})
+    if r.returncode:
+        raise RuntimeError(f"the run in {tree} failed: {r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def cpu_name() -> str:
@@ -80,23 +78,43 @@ def cpu_name() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--baseline-rev", default="6943549")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from keel.engine.device import cpu_flags
-    rows = {f"baseline {args.baseline_rev} (default)": baseline(args.baseline_rev)}
-    print(rows, flush=True)
-    rows["batch-invariant (default)"] = measure({})
-    rows["--no-batch-invariant"] = measure({"batch_invariant": False})
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True).stdout.strip()
+    base_name = f"baseline {args.baseline_rev} (default)"
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = os.path.join(tmp, "tree")
+        subprocess.run(["git", "-C", root, "worktree", "add", "--detach", tree, args.baseline_rev], check=True,
+                       capture_output=True)
+        try:
+            configs = {base_name: (tree, {}), "batch-invariant (default)": (root, {}),
+                       "--no-batch-invariant": (root, {"batch_invariant": False})}
+            runs: dict[str, list[dict]] = {name: [] for name in configs}
+            for r in range(args.rounds):
+                for name, (where, kwargs) in configs.items():
+                    runs[name].append(run_in(where, kwargs))
+                    print(r, name, runs[name][-1], flush=True)
+        finally:
+            subprocess.run(["git", "-C", root, "worktree", "remove", "--force", tree], capture_output=True)
+    keys = ("decode_b1", "decode_b16", "prefill")
+    rows = {name: {k: statistics.median(x[k] for x in rs) for k in keys} | {"threads": rs[0]["threads"]}
+            for name, rs in runs.items()}
     ref = rows["--no-batch-invariant"]
     isa = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")))
     lines = [f"# Batch invariance cost ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {cpu_name()}, {os.cpu_count()} cores, flags {' '.join(isa)}; built-in model "
-             f"(SmolLM2-135M GGUF, Q4_1/Q8_0 blocks), {ref['threads']} threads, best of 3.", "",
+             f"(SmolLM2-135M GGUF, Q4_1/Q8_0 blocks), {ref['threads']} threads; each configuration in its own "
+             f"process, {args.rounds} interleaved rounds, medians (within a round: best of 3).", "",
              "| config | decode b=1 tok/s | b=16 tok/s | prefill 1000 tokens tok/s | b=1 / b=16 / prefill vs --no-batch-invariant |",
              "|---|---|---|---|---|"]
     for name, r in rows.items():
-        ratio = " / ".join(f"{r[k] / ref[k]:.3f}x" for k in ("decode_b1", "decode_b16", "prefill"))
+        ratio = " / ".join(f"{r[k] / ref[k]:.3f}x" for k in keys)
         lines.append(f"| {name} | {r['decode_b1']:.1f} | {r['decode_b16']:.1f} | {r['prefill']:.0f} | {ratio} |")
+    lines += ["", "Every round (tok/s, b=1 / b=16 / prefill):", ""]
+    for name, rs in runs.items():
+        lines.append(f"- {name}: " + "; ".join(" / ".join(f"{x[k]:.0f}" for k in keys) for x in rs))
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
