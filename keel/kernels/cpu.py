@@ -157,6 +157,9 @@ class CPUKernels:
         lib.keel_decode_attention_f32.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64, i64, i64,
                                                   ctypes.c_float, c_int]
         lib.keel_decode_attention_f32.restype = c_int
+        lib.keel_prefill_attention_f32.argtypes = [p, i64, p, p, p, p, p, p, p, i64, p, i64, i64, i64, i64, i64,
+                                                   ctypes.c_float, c_int]
+        lib.keel_prefill_attention_f32.restype = c_int
         lib.keel_silu_mul_f32.argtypes = [p, p, i64, i64]
         lib.keel_rope_cache_f32.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64]
         lib.keel_silu_mul_f32.restype = lib.keel_rope_cache_f32.restype = None
@@ -236,6 +239,25 @@ class CPUKernels:
             torch.get_num_threads())
         if rc != 0:
             raise MemoryError("keel's decode attention kernel could not allocate its scratch buffer")
+        return out
+
+    def prefill_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          tables: torch.Tensor, context_lens: torch.Tensor, items: tuple, block_size: int,
+                          scale: float) -> torch.Tensor:
+        """Every token of a step as a query over its own causal context, each computed exactly as
+        decode_attention computes a token at that position (see cpu_decode.c). q: [T, H, D] as for
+        decode_attention, tokens grouped by request; items: (query lens int32 [B], first rows int64 [B],
+        work items int64 [n, 2]) from AttentionMetadata.prefill_items -> [T, H * D]."""
+        T, H, D = q.shape
+        kvh = k_cache.shape[1]
+        qlen, first, work = items
+        out = torch.empty(T, H * D, dtype=torch.float32)
+        rc = self.lib.keel_prefill_attention_f32(
+            q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+            context_lens.data_ptr(), qlen.data_ptr(), first.data_ptr(), work.data_ptr(), work.shape[0],
+            out.data_ptr(), H, kvh, D, block_size, tables.shape[1], scale, torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("keel's attention kernel could not allocate its scratch buffer")
         return out
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:

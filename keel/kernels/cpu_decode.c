@@ -47,6 +47,60 @@ static inline __m256 reduce8(const __m256 a[8]) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+/* One query token's G heads (qh, sharing kv head kh) over positions p < n of one request: row[p] is the
+ * offset of position p's k / v row in the caches; s is scratch of G * n8 floats; o gets G * D floats. The
+ * one body of both the decode and the prefill entry points, so a token's result is the same bits whichever
+ * computes it. */
+static inline __attribute__((always_inline)) void attend_one(const float *qh, const float *kc, const float *vc,
+                                                              const int64_t *row, int64_t n, int64_t G, int64_t D,
+                                                              float scale, float *s, float *o) {
+    int64_t n8 = (n + 7) & ~(int64_t)7;
+    __m256 sc = _mm256_set1_ps(scale);
+    /* scores, 8 positions at a time: 8 accumulators, reduced together (positions past n repeat the last
+     * one; their scores are overwritten below) */
+    for (int64_t p0 = 0; p0 < n; p0 += 8) {
+        const float *kp[8];
+        for (int j = 0; j < 8; j++) kp[j] = kc + row[p0 + j < n ? p0 + j : n - 1];
+        for (int64_t g = 0; g < G; g++) {
+            __m256 acc[8];
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+            for (int64_t d = 0; d < D; d += 8) {
+                __m256 qv = _mm256_loadu_ps(qh + g * D + d);
+                for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp[j] + d), acc[j]);
+            }
+            _mm256_storeu_ps(s + g * n8 + p0, _mm256_mul_ps(reduce8(acc), sc));
+        }
+    }
+    float inv[MAXG];
+    for (int64_t g = 0; g < G; g++) {
+        float *sg = s + g * n8, m = -INFINITY;
+        for (int64_t p = 0; p < n; p++) m = sg[p] > m ? sg[p] : m;
+        for (int64_t p = n; p < n8; p++) sg[p] = -INFINITY;
+        __m256 mv = _mm256_set1_ps(m), sum = _mm256_setzero_ps();
+        for (int64_t p = 0; p < n8; p += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + p), mv));
+            _mm256_storeu_ps(sg + p, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        inv[g] = 1.0f / hsum(sum);
+    }
+    /* weighted values: 64 output dims of one head in 8 registers over all positions */
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t d0 = 0; d0 < D; d0 += 64) {
+            int nv = (int)((D - d0 < 64 ? D - d0 : 64) / 8);
+            __m256 acc[8];
+            for (int v = 0; v < 8; v++) acc[v] = _mm256_setzero_ps();
+            const float *sg = s + g * n8;
+            for (int64_t p = 0; p < n; p++) {
+                __m256 w = _mm256_set1_ps(sg[p]);
+                const float *vr = vc + row[p] + d0;
+                for (int v = 0; v < nv; v++) acc[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + 8 * v), acc[v]);
+            }
+            __m256 iv = _mm256_set1_ps(inv[g]);
+            for (int v = 0; v < nv; v++) _mm256_storeu_ps(o + g * D + d0 + 8 * v, _mm256_mul_ps(acc[v], iv));
+        }
+}
+
 /* q: [B, ldq] rows holding H heads of D at the start; caches [slots, KVH, D]; tables [B, NB] int64;
  * ctx [B] int32 (> 0); out [B, H * D]. D % 8 == 0, D <= MAXD, H / KVH <= MAXG. Returns 0, or -1 when a
  * scratch buffer could not be allocated (out is then incomplete). */
@@ -69,52 +123,46 @@ int keel_decode_attention_f32(const float *q, int64_t ldq, const float *kc, cons
             }
             const int64_t *table = tables + b * NB;
             for (int64_t p = 0; p < n; p++) row[p] = ((table[p / bs] * bs + p % bs) * KVH + kh) * D;
-            const float *qh = q + b * ldq + kh * G * D;
-            __m256 sc = _mm256_set1_ps(scale);
-            /* scores, 8 positions at a time: 8 accumulators, reduced together (positions past n repeat
-             * the last one; their scores are overwritten below) */
-            for (int64_t p0 = 0; p0 < n; p0 += 8) {
-                const float *kp[8];
-                for (int j = 0; j < 8; j++) kp[j] = kc + row[p0 + j < n ? p0 + j : n - 1];
-                for (int64_t g = 0; g < G; g++) {
-                    __m256 acc[8];
-                    for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
-                    for (int64_t d = 0; d < D; d += 8) {
-                        __m256 qv = _mm256_loadu_ps(qh + g * D + d);
-                        for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp[j] + d), acc[j]);
-                    }
-                    _mm256_storeu_ps(s + g * n8 + p0, _mm256_mul_ps(reduce8(acc), sc));
-                }
+            attend_one(q + b * ldq + kh * G * D, kc, vc, row, n, G, D, scale, s, out + b * H * D + kh * G * D);
+            free(s);
+            free(row);
+        }
+    return failed ? -1 : 0;
+}
+
+#define QBLOCK 16 /* query tokens of one request per work item of the prefill entry point */
+
+/* Several query tokens per request (prefill chunks, mixed steps): request b's qlen[b] tokens are rows
+ * first[b] .. first[b] + qlen[b] of q and out, at positions ctx[b] - qlen[b] .. ctx[b] - 1, each over its own
+ * causal context. Each token is computed by attend_one exactly as keel_decode_attention_f32 computes a
+ * token at that position; work items (request, kv head, 16 tokens) share the row offsets and scratch. */
+int keel_prefill_attention_f32(const float *q, int64_t ldq, const float *kc, const float *vc,
+                               const int64_t *tables, const int32_t *ctx, const int32_t *qlen, const int64_t *first,
+                               const int64_t *items, int64_t n_items, float *out, int64_t H, int64_t KVH, int64_t D,
+                               int64_t bs, int64_t NB, float scale, int threads) {
+    int64_t G = H / KVH;
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic) collapse(2) num_threads(threads)
+    for (int64_t it = 0; it < n_items; it++)
+        for (int64_t kh = 0; kh < KVH; kh++) {
+            int64_t b = items[2 * it], t0 = items[2 * it + 1]; /* request, its first token of this item */
+            int64_t t1 = t0 + QBLOCK < qlen[b] ? t0 + QBLOCK : qlen[b];
+            int64_t start = ctx[b] - qlen[b], nmax = start + t1, n8 = (nmax + 7) & ~(int64_t)7;
+            float *s = malloc(sizeof(float) * G * n8);
+            int64_t *row = malloc(sizeof(int64_t) * nmax);
+            if (s == NULL || row == NULL) {
+                free(s);
+                free(row);
+                failed = 1;
+                continue;
             }
-            float inv[MAXG];
-            for (int64_t g = 0; g < G; g++) {
-                float *sg = s + g * n8, m = -INFINITY;
-                for (int64_t p = 0; p < n; p++) m = sg[p] > m ? sg[p] : m;
-                for (int64_t p = n; p < n8; p++) sg[p] = -INFINITY;
-                __m256 mv = _mm256_set1_ps(m), sum = _mm256_setzero_ps();
-                for (int64_t p = 0; p < n8; p += 8) {
-                    __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + p), mv));
-                    _mm256_storeu_ps(sg + p, e);
-                    sum = _mm256_add_ps(sum, e);
-                }
-                inv[g] = 1.0f / hsum(sum);
+            const int64_t *table = tables + b * NB;
+            for (int64_t p = 0; p < nmax; p++) row[p] = ((table[p / bs] * bs + p % bs) * KVH + kh) * D;
+            for (int64_t t = t0; t < t1; t++) {
+                int64_t r = first[b] + t;
+                attend_one(q + r * ldq + kh * G * D, kc, vc, row, start + t + 1, G, D, scale, s,
+                           out + r * H * D + kh * G * D);
             }
-            /* weighted values: 64 output dims of one head in 8 registers over all positions */
-            float *o = out + b * H * D + kh * G * D;
-            for (int64_t g = 0; g < G; g++)
-                for (int64_t d0 = 0; d0 < D; d0 += 64) {
-                    int nv = (int)((D - d0 < 64 ? D - d0 : 64) / 8);
-                    __m256 acc[8];
-                    for (int v = 0; v < 8; v++) acc[v] = _mm256_setzero_ps();
-                    const float *sg = s + g * n8;
-                    for (int64_t p = 0; p < n; p++) {
-                        __m256 w = _mm256_set1_ps(sg[p]);
-                        const float *vr = vc + row[p] + d0;
-                        for (int v = 0; v < nv; v++) acc[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + 8 * v), acc[v]);
-                    }
-                    __m256 iv = _mm256_set1_ps(inv[g]);
-                    for (int v = 0; v < nv; v++) _mm256_storeu_ps(o + g * D + d0 + 8 * v, _mm256_mul_ps(acc[v], iv));
-                }
             free(s);
             free(row);
         }

@@ -25,19 +25,20 @@ class AttentionMetadata:
     block_size: int
     context_lens: torch.Tensor | None = None  # [B] int32 on the CPU: tokens in the cache per request
     query_lens: list[int] | None = None
-    _per_token: tuple | None = None
+    _items: tuple | None = None
 
-    def per_token(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every token of the step as a request of one query: (block tables [T, NB], context lengths
-        [T] int32: the token's position + 1), built once per step and shared by the layers."""
-        if self._per_token is None:
-            rows, lens = [], []
-            for b, (q, c) in enumerate(zip(self.query_lens, self.context_lens.tolist())):
-                rows += [b] * q
-                lens += range(c - q + 1, c + 1)
-            self._per_token = (self.gather_blocks.index_select(0, torch.tensor(rows, dtype=torch.int64)),
-                               torch.tensor(lens, dtype=torch.int32))
-        return self._per_token
+    def prefill_items(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For keel's prefill attention kernel: (query lens int32 [B], each request's first row int64 [B],
+        work items int64 [n, 2]: (request, first token) per 16 tokens), built once per step."""
+        if self._items is None:
+            first, items, row = [], [], 0
+            for b, q in enumerate(self.query_lens):
+                first.append(row)
+                items += [(b, t) for t in range(0, q, 16)]
+                row += q
+            self._items = (torch.tensor(self.query_lens, dtype=torch.int32), torch.tensor(first, dtype=torch.int64),
+                           torch.tensor(items, dtype=torch.int64))
+        return self._items
 
     @classmethod
     def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
@@ -118,11 +119,11 @@ class PagedAttention(nn.Module):
                 return self.own.decode_attention(q, self.k_cache, self.v_cache, meta.gather_blocks,
                                                  meta.context_lens, meta.block_size, self.scale)
             if self.every_token:
-                # Each token is a query over its own causal context, computed as a decode step is: its
-                # result cannot depend on how the prompt was chunked or what else the step holds.
-                tables, lens = meta.per_token()
-                return self.own.decode_attention(q, self.k_cache, self.v_cache, tables, lens,
-                                                 meta.block_size, self.scale)
+                # Each token is a query over its own causal context, computed as a decode step computes
+                # it: its result cannot depend on how the prompt was chunked or what else the step holds.
+                return self.own.prefill_attention(q, self.k_cache, self.v_cache, meta.gather_blocks,
+                                                  meta.context_lens, meta.prefill_items(), meta.block_size,
+                                                  self.scale)
         if self.every_token and self.own is None and meta.context_lens is not None:
             return self._one_query_at_a_time(q, meta)
         return self._batched(q, meta)

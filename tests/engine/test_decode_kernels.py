@@ -43,7 +43,8 @@ def test_decode_kernel_matches_gather_and_sdpa(heads, kv_heads, head_dim):
 
 
 def test_steps_with_longer_queries_keep_the_general_path():
-    """The kernel is for one query token per request: a step with a prefill chunk goes through SDPA."""
+    """Without batch invariance (every_token off) the decode kernel is for one query token per request: a
+    step with a prefill chunk goes through SDPA."""
     class Refuse:
         def decode_attention(self, *args):
             raise AssertionError("decode kernel called for a prefill step")
@@ -53,6 +54,44 @@ def test_steps_with_longer_queries_keep_the_general_path():
     meta = AttentionMetadata.build([1, 3], [5, 3], [[0, 1], [2]], 4, torch.device("cpu"))
     out = attn(torch.randn(4, 4, 16), torch.randn(4, 2, 16), torch.randn(4, 2, 16), meta)
     assert out.shape == (4, 64) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (8, 1, 16), (6, 2, 128)])
+def test_prefill_kernel_gives_each_token_what_a_decode_step_gives_it(heads, kv_heads, head_dim):
+    """Batch invariance of attention: tokens of prefill chunks (several per request, mixed with decode
+    tokens) through keel's prefill entry point are bit for bit what the decode kernel gives the same token
+    alone at its position, and close to SDPA."""
+    from keel.kernels.cpu import kernels
+    if kernels() is None:
+        pytest.skip("keel's CPU kernels need Linux, AVX2, FMA and a C compiler")
+    g = torch.Generator().manual_seed(heads + head_dim)
+    block_size, num_blocks = 4, 96
+    attn = PagedAttention(heads, kv_heads, head_dim, head_dim ** -0.5)
+    shape = (num_blocks * block_size, kv_heads, head_dim)
+    attn.k_cache, attn.v_cache = torch.randn(shape, generator=g) * 2, torch.randn(shape, generator=g)
+    attn.use_own_kernel()
+    query_lens, context_lens = [1, 19, 5, 40, 1], [9, 19, 30, 70, 2]  # decodes, a whole prompt, chunks
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables, used = [], 0
+    for c in context_lens:
+        n = -(-c // block_size)
+        tables.append(perm[used:used + n])
+        used += n
+    meta = AttentionMetadata.build(query_lens, context_lens, tables, block_size, torch.device("cpu"))
+    T = sum(query_lens)
+    q = (torch.randn(T, heads + kv_heads, head_dim, generator=g) * 3)[:, :heads]
+    got = attn.own.prefill_attention(q, attn.k_cache, attn.v_cache, meta.gather_blocks, meta.context_lens,
+                                     meta.prefill_items(), block_size, attn.scale)
+    t = 0
+    for b, (ql, c) in enumerate(zip(query_lens, context_lens)):
+        for i in range(ql):
+            one = AttentionMetadata.build([1], [c - ql + i + 1], [tables[b]], block_size, torch.device("cpu"))
+            alone = attn.own.decode_attention(q[t:t + 1], attn.k_cache, attn.v_cache, one.gather_blocks,
+                                              one.context_lens, block_size, attn.scale)
+            assert torch.equal(got[t], alone[0]), (b, i)
+            t += 1
+    want = attn._batched(q, meta)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_rope_and_cache_write_match_torch():
