@@ -120,8 +120,8 @@ class LLMEngine:
                  num_blocks * cache.block_size * per_token / 2**20, sized,
                  num_blocks * cache.block_size // self.max_model_len)
         log.info("kernels: %s", self.backend.describe())
-        for kind, impl in self.backend.table().items():
-            log.info("  %-14s %s", kind, impl)
+        for kind, impl in self.backend.table().items():  # `keel serve` prints them in its summary
+            log.debug("  %-14s %s", kind, impl)
 
     def weight_bytes(self) -> dict[str, int]:
         """Bytes of model weights held in memory: "total", and by part ("projections", "embedding",
