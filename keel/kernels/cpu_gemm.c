@@ -348,6 +348,13 @@ int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const v
             scratch = aligned_alloc(64, ((size_t)(P * K * 4) + 63) / 64 * 64);
             if (scratch == NULL) failed = 1;
         }
+        /* Rows of x in chunks of about 256 KB, each chunk against every panel: with many rows (a prefill
+         * chunk) x would otherwise stream from memory once per panel. The order of a row's sums is the
+         * tile's whatever the chunking, so a row's result does not depend on M. */
+        int64_t mch = (262144 / (4 * K)) / MB * MB;
+        if (mch < MB) mch = MB;
+        for (int64_t mc = 0; mc < M; mc += mch) {
+        const int64_t mend = mc + mch < M ? mc + mch : M;
 #pragma omp for schedule(static)
         for (int64_t pi = 0; pi < panels; pi++) {
             if (fmt != KEEL_W_F32 && scratch == NULL) continue;
@@ -359,8 +366,8 @@ int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const v
                 decode_panel(fmt, w, scale, zero, sdtype, group, n0, p, K, scratch);
                 wf = scratch;
             }
-            for (int64_t m0 = 0; m0 < M; m0 += MB) {
-                int mb = (int)(M - m0 < MB ? M - m0 : MB);
+            for (int64_t m0 = mc; m0 < mend; m0 += MB) {
+                int mb = (int)(mend - m0 < MB ? mend - m0 : MB);
                 for (int64_t j0 = 0; j0 < p; j0 += NB) {
                     int nb = (int)(p - j0 < NB ? p - j0 : NB);
 #ifdef __AVX512F__
@@ -371,6 +378,7 @@ int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const v
                         tile_any(x + m0 * K, K, wf + j0 * K, K, y + m0 * N + n0 + j0, N, K, mb, nb);
                 }
             }
+        }
         }
         free(scratch);
     }

@@ -102,7 +102,8 @@ def _isas():
 
 
 @pytest.mark.parametrize("isa", _isas())  # every build this CPU runs, whatever the default picks
-@pytest.mark.parametrize("fmt", ["f32", "f32-k24", "bf16", "int4-g32", "int4-g48", "int8", "int8-g8", "int8-k24"])
+@pytest.mark.parametrize("fmt", ["f32", "f32-k24", "f32-k4096", "bf16", "int4-g32", "int4-g32-k4096", "int4-g48",
+                                 "int8", "int8-g8", "int8-k24"])
 def test_each_row_is_the_same_at_every_row_count(isa, fmt):
     """Batch invariance at the kernel: row i of x Wᵀ is bit for bit the same computed alone, in 3 rows or in
     37 (the few-row path and the panel path), for every weight format and shape class."""
@@ -111,7 +112,9 @@ def test_each_row_is_the_same_at_every_row_count(isa, fmt):
     if own is None:
         pytest.skip(f"keel's {isa} kernels do not build here")
     g = torch.Generator().manual_seed(3)
-    n, k = 19, (24 if fmt.endswith("k24") else 96 * 2)
+    # k4096: x's rows go through the matmul in chunks of 16 (about 256 KB each), so 37 rows span three
+    n, k = 19, (24 if fmt.endswith("k24") else 4096 if fmt.endswith("k4096") else 96 * 2)
+    fmt = fmt.removesuffix("-k4096")
     args: tuple = ()
     if fmt.startswith("f32"):
         args = (W_F32, torch.randn(n, k, generator=g))
