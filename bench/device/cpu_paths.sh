@@ -1,7 +1,7 @@
 #!/bin/bash
 # keel's CPU paths on the device machine's host CPU (often AVX-512, unlike the 2-core AVX2 dev machine):
 # which ISA builds run, and the kernel, batch-invariance and parity tests on each of them.
-# Run from the repo root with the pure-Python extras (gguf, pytest) in .devcarry/site:
+# Run from the repo root with the pure-Python extras in .devcarry/site (bench/device/make_carry.sh builds it):
 #   bash bench/device/cpu_paths.sh   (results under $OUT, or ./device-out)
 OUT=${OUT:-device-out}
 mkdir -p "$OUT"
