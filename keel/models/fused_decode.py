@@ -28,6 +28,16 @@ def _address(t) -> int:
     return t.data_ptr() if isinstance(t, torch.Tensor) else id(t)
 
 
+def _home(owner, name):
+    """Where owner.name lives: a module's parameter or buffer dict, an object's __dict__, or a list."""
+    if isinstance(owner, list):
+        return owner
+    for d in (getattr(owner, "_parameters", None), getattr(owner, "_buffers", None), getattr(owner, "_modules", None)):
+        if d is not None and name in d:
+            return d
+    return owner.__dict__
+
+
 class DecodeStack:
     def __init__(self, model, own, layers, dims: tuple, max_rows: int, eps: float, scale: float, loras: list,
                  lora_ok: bool, held: list, backend=None) -> None:
@@ -36,14 +46,22 @@ class DecodeStack:
         self.loras, self.lora_ok = loras, lora_ok  # the LinearLoRA layers; all on keel's kernel
         self.h_cols = max((lo.a.shape[1] for lo in loras), default=0)
         self.held = held  # (owner, attribute, tensor) of everything the structs point at, kept alive
-        self.where = [_address(t) for _, _, t in held]
+        # (the dict or list the attribute lives in, its key, the object, its address): read directly, since
+        # nn.Module.__getattr__ costs ~1 us a call and this runs before every decode step
+        checks = [(_home(owner, name), name, t) for owner, name, t in held]
+        self.tensor_checks = [(h, k, t, t.data_ptr()) for h, k, t in checks
+                              if isinstance(t, torch.Tensor) and not isinstance(h, list)]
+        self.other_checks = [(h, k, t) for h, k, t in checks if not isinstance(t, torch.Tensor) or isinstance(h, list)]
         self.backend = backend
 
     def moved(self) -> bool:
         """Has any tensor the stack points at been replaced or reallocated since it was built?"""
-        for (owner, name, t), ptr in zip(self.held, self.where):
-            now = owner[name] if isinstance(owner, list) else getattr(owner, name, None)
-            if now is not t or _address(now) != ptr:
+        for home, key, t, ptr in self.tensor_checks:
+            now = home.get(key)
+            if now is not t or t.data_ptr() != ptr:
+                return True
+        for home, key, o in self.other_checks:  # adapter stacks in lists, adapter objects: by identity
+            if (home[key] if isinstance(home, list) else home.get(key)) is not o:
                 return True
         return False
 
