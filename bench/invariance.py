@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -65,22 +64,13 @@ def run_in(tree: str, kwargs: dict) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--baseline-rev", default="6943549")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    from bench.decode import machine
     from keel.engine.device import cpu_flags
     root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True).stdout.strip()
     base_name = f"baseline {args.baseline_rev} (default)"
@@ -104,7 +94,7 @@ def main() -> None:
     ref = rows["--no-batch-invariant"]
     isa = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")))
     lines = [f"# Batch invariance cost ({time.strftime('%Y-%m-%d')})", "",
-             f"Machine: {cpu_name()}, {os.cpu_count()} cores, flags {' '.join(isa)}; built-in model "
+             f"Machine: {machine()}, {os.cpu_count()} cores, flags {' '.join(isa)}; built-in model "
              f"(SmolLM2-135M GGUF, Q4_1/Q8_0 blocks), {ref['threads']} threads; each configuration in its own "
              f"process, {args.rounds} interleaved rounds, medians (within a round: best of 3).", "",
              "| config | decode b=1 tok/s | b=16 tok/s | prefill 1000 tokens tok/s | b=1 / b=16 / prefill vs --no-batch-invariant |",

@@ -20,10 +20,9 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 
 from bench.decode import machine
-from bench.serve import free_port, run_clients
+from bench.serve import free_port, run_clients, wait_up
 
 NEW = 64
 KEEL_B1 = """
@@ -50,16 +49,6 @@ def llama_bench(build: str, gguf: str, threads: int) -> float:
 def keel_b1() -> float:
     r = subprocess.run([sys.executable, "-c", KEEL_B1], capture_output=True, text=True, check=True)
     return float(r.stdout.strip().splitlines()[-1])
-
-
-def wait_up(port: int, path: str) -> None:
-    for _ in range(480):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1)
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"the server on port {port} did not come up")
 
 
 def served(cmd: list[str], port: int, health: str, counts: list[int]) -> dict:

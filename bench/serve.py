@@ -32,6 +32,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_up(port: int, path: str = "/health", tries: int = 480) -> None:
+    """Until the server on 127.0.0.1:port answers `path` (every 0.5 s)."""
+    for _ in range(tries):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"the server on port {port} did not come up")
+
+
 def messages(i: int) -> list[dict]:
     return [{"role": "user", "content": f"Tell me a short story about a lighthouse keeper named number {i}."}]
 
@@ -99,12 +110,7 @@ def main() -> None:
     server = subprocess.Popen([keel, "serve", "--port", str(port), "--max-num-seqs", "64"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
+        wait_up(port)
         base = f"http://127.0.0.1:{port}/v1"
         asyncio.run(run_clients(base, 2, 8))  # warm-up
         served = {n: asyncio.run(run_clients(base, n, args.max_tokens)) for n in counts}

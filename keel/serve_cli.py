@@ -190,7 +190,7 @@ def _summary(engine, name: str, embedder, sock, args) -> str:
     import keel
     host, port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if ":" in host else host
-    kernel = engine.backend.describe().split(", ", 2)[-1]
+    kernel = engine.backend.implementation()
     quant = engine.quantization.describe() if engine.quantization else "none"
     weights = engine.weight_bytes()["total"] / 1e6
     tokens = engine.num_blocks * engine.cache_config.block_size

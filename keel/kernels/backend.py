@@ -68,11 +68,13 @@ class Backend:
             out[kind] = ", ".join(f"{impl} x{n}" if len(c) > 1 else impl for impl, n in sorted(c.items()))
         return out
 
+    def implementation(self) -> str:
+        """Which kernels, e.g. "keel avx2 kernels, batch-invariant"."""
+        return (f"keel {self.isa} kernels" if self.isa else "PyTorch's operators") + (
+            ", batch-invariant" if self.batch_invariant else ", not batch-invariant")
+
     def describe(self) -> str:
-        head = f"{self.device.type}, {str(self.dtype).removeprefix('torch.')}, " + (
-            f"keel {self.isa} kernels" if self.isa else "PyTorch's operators")
-        head += ", batch-invariant" if self.batch_invariant else ", not batch-invariant"
-        return head
+        return f"{self.device.type}, {str(self.dtype).removeprefix('torch.')}, {self.implementation()}"
 
     def digest(self) -> str:
         """Part of the fingerprint: which implementations compute the answers (not how many layers of each,

@@ -101,32 +101,43 @@ static inline __attribute__((always_inline)) void attend_one(const float *qh, co
         }
 }
 
+/* Query tokens t0 .. t1 of one request (rows first + t of q and out) for kv head kh: token t sits at
+ * position start + t and sees positions p < start + t + 1 through the request's block table. The row
+ * offsets and scratch are shared by the tokens. Returns 0, or -1 when scratch could not be allocated. */
+static int attend_tokens(const float *q, int64_t ldq, const float *kc, const float *vc, const int64_t *table,
+                         int64_t start, int64_t t0, int64_t t1, int64_t first, float *out, int64_t H, int64_t KVH,
+                         int64_t kh, int64_t D, int64_t bs, float scale) {
+    const int64_t G = H / KVH, nmax = start + t1, n8 = (nmax + 7) & ~(int64_t)7;
+    float *s = malloc(sizeof(float) * G * n8);
+    int64_t *row = malloc(sizeof(int64_t) * nmax); /* offset of position p's k / v row in the caches */
+    int rc = 0;
+    if (s == NULL || row == NULL) {
+        rc = -1;
+    } else {
+        for (int64_t p = 0; p < nmax; p++) row[p] = ((table[p / bs] * bs + p % bs) * KVH + kh) * D;
+        for (int64_t t = t0; t < t1; t++) {
+            int64_t r = first + t;
+            attend_one(q + r * ldq + kh * G * D, kc, vc, row, start + t + 1, G, D, scale, s,
+                       out + r * H * D + kh * G * D);
+        }
+    }
+    free(s);
+    free(row);
+    return rc;
+}
+
 /* q: [B, ldq] rows holding H heads of D at the start; caches [slots, KVH, D]; tables [B, NB] int64;
  * ctx [B] int32 (> 0); out [B, H * D]. D % 8 == 0, D <= MAXD, H / KVH <= MAXG. Returns 0, or -1 when a
  * scratch buffer could not be allocated (out is then incomplete). */
 int keel_decode_attention_f32(const float *q, int64_t ldq, const float *kc, const float *vc,
                               const int64_t *tables, const int32_t *ctx, float *out, int64_t B, int64_t H,
                               int64_t KVH, int64_t D, int64_t bs, int64_t NB, float scale, int threads) {
-    int64_t G = H / KVH;
     int failed = 0;
 #pragma omp parallel for schedule(dynamic) collapse(2) num_threads(threads)
     for (int64_t b = 0; b < B; b++)
-        for (int64_t kh = 0; kh < KVH; kh++) {
-            int64_t n = ctx[b], n8 = (n + 7) & ~(int64_t)7;
-            float *s = malloc(sizeof(float) * G * n8);
-            int64_t *row = malloc(sizeof(int64_t) * n); /* offset of position p's k / v row in the caches */
-            if (s == NULL || row == NULL) {
-                free(s);
-                free(row);
+        for (int64_t kh = 0; kh < KVH; kh++)
+            if (attend_tokens(q, ldq, kc, vc, tables + b * NB, ctx[b] - 1, 0, 1, b, out, H, KVH, kh, D, bs, scale))
                 failed = 1;
-                continue;
-            }
-            const int64_t *table = tables + b * NB;
-            for (int64_t p = 0; p < n; p++) row[p] = ((table[p / bs] * bs + p % bs) * KVH + kh) * D;
-            attend_one(q + b * ldq + kh * G * D, kc, vc, row, n, G, D, scale, s, out + b * H * D + kh * G * D);
-            free(s);
-            free(row);
-        }
     return failed ? -1 : 0;
 }
 
@@ -134,37 +145,21 @@ int keel_decode_attention_f32(const float *q, int64_t ldq, const float *kc, cons
 
 /* Several query tokens per request (prefill chunks, mixed steps): request b's qlen[b] tokens are rows
  * first[b] .. first[b] + qlen[b] of q and out, at positions ctx[b] - qlen[b] .. ctx[b] - 1, each over its own
- * causal context. Each token is computed by attend_one exactly as keel_decode_attention_f32 computes a
- * token at that position; work items (request, kv head, 16 tokens) share the row offsets and scratch. */
+ * causal context, computed exactly as keel_decode_attention_f32 computes a token at that position (the
+ * same attend_tokens). Work items: (request, first token) of up to QBLOCK tokens, per kv head. */
 int keel_prefill_attention_f32(const float *q, int64_t ldq, const float *kc, const float *vc,
                                const int64_t *tables, const int32_t *ctx, const int32_t *qlen, const int64_t *first,
                                const int64_t *items, int64_t n_items, float *out, int64_t H, int64_t KVH, int64_t D,
                                int64_t bs, int64_t NB, float scale, int threads) {
-    int64_t G = H / KVH;
     int failed = 0;
 #pragma omp parallel for schedule(dynamic) collapse(2) num_threads(threads)
     for (int64_t it = 0; it < n_items; it++)
         for (int64_t kh = 0; kh < KVH; kh++) {
-            int64_t b = items[2 * it], t0 = items[2 * it + 1]; /* request, its first token of this item */
+            int64_t b = items[2 * it], t0 = items[2 * it + 1];
             int64_t t1 = t0 + QBLOCK < qlen[b] ? t0 + QBLOCK : qlen[b];
-            int64_t start = ctx[b] - qlen[b], nmax = start + t1, n8 = (nmax + 7) & ~(int64_t)7;
-            float *s = malloc(sizeof(float) * G * n8);
-            int64_t *row = malloc(sizeof(int64_t) * nmax);
-            if (s == NULL || row == NULL) {
-                free(s);
-                free(row);
+            if (attend_tokens(q, ldq, kc, vc, tables + b * NB, ctx[b] - qlen[b], t0, t1, first[b], out, H, KVH, kh,
+                              D, bs, scale))
                 failed = 1;
-                continue;
-            }
-            const int64_t *table = tables + b * NB;
-            for (int64_t p = 0; p < nmax; p++) row[p] = ((table[p / bs] * bs + p % bs) * KVH + kh) * D;
-            for (int64_t t = t0; t < t1; t++) {
-                int64_t r = first[b] + t;
-                attend_one(q + r * ldq + kh * G * D, kc, vc, row, start + t + 1, G, D, scale, s,
-                           out + r * H * D + kh * G * D);
-            }
-            free(s);
-            free(row);
         }
     return failed ? -1 : 0;
 }
