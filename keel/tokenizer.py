@@ -129,6 +129,12 @@ class Tokenizer:
             raise PromptTooLongError(len(enc), max_len)
         return enc.ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of a rendered chat (no special tokens added) and each token's (start, end) characters in
+        `text`, for telling which tokens came from which part of it (keel.finetune.data)."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return list(enc.ids), list(enc.offsets)
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 

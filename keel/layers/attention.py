@@ -75,6 +75,15 @@ class AttentionMetadata:
                    list(query_lens))
 
 
+@dataclass
+class CausalBatch:
+    """The attention metadata of a training forward (keel.finetune): batch_size sequences of seq_len
+    tokens each (right-padded), laid out [batch_size * seq_len] row after row, with no KV cache. Causal
+    attention alone keeps real tokens off the padding, which only ever comes after them."""
+    batch_size: int
+    seq_len: int
+
+
 class PagedAttention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         super().__init__()
@@ -109,6 +118,8 @@ class PagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                 cached: bool = False) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, KVH, D] -> [T, H * D]; cached: k and v are already in their cache slots
+        if isinstance(meta, CausalBatch):
+            return self._causal(q, k, v, meta)
         if not cached:
             self.k_cache.index_copy_(0, meta.slot_mapping, k)
             self.v_cache.index_copy_(0, meta.slot_mapping, v)
@@ -127,6 +138,13 @@ class PagedAttention(nn.Module):
         if self.every_token and self.own is None and meta.context_lens is not None:
             return self._one_query_at_a_time(q, meta)
         return self._batched(q, meta)
+
+    def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: CausalBatch) -> torch.Tensor:
+        B, L, H, KVH, D = meta.batch_size, meta.seq_len, self.num_heads, self.num_kv_heads, self.head_dim
+        out = F.scaled_dot_product_attention(q.reshape(B, L, H, D).transpose(1, 2), k.reshape(B, L, KVH, D).transpose(1, 2),
+                                             v.reshape(B, L, KVH, D).transpose(1, 2), is_causal=True, scale=self.scale,
+                                             enable_gqa=H != KVH)
+        return out.transpose(1, 2).reshape(B * L, H * D)
 
     def _one_query_at_a_time(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Batch-invariant attention without keel's kernel (PyTorch's operators, or a bfloat16 cache): each

@@ -1,0 +1,1 @@
+"""LoRA fine-tuning: training data, the trainer, its worker process and the job runner the server uses."""
