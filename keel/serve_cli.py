@@ -55,7 +55,7 @@ def add_serve_parser(sub, model_args) -> argparse.ArgumentParser:
                     help="a BERT-family embedding model folder (default: the built-in all-MiniLM-L6-v2 when installed)")
     em.add_argument("--no-embedding-model", action="store_true", help="serve no embedding model")
     lo = s.add_argument_group("LoRA adapters (the request's `model` field names one)")
-    lo.add_argument("--enable-lora", action="store_true", help="serve adapters (implied by --lora and --lora-dir)")
+    lo.add_argument("--enable-lora", action="store_true", help="serve adapters (implied by --lora, --lora-dir and fine-tuning)")
     lo.add_argument("--lora", action="append", metavar="NAME=PATH",
                     help="an adapter folder (PEFT format) served as NAME, validated at start; repeatable")
     lo.add_argument("--lora-dir", action="append", metavar="DIR",
@@ -75,6 +75,16 @@ def add_serve_parser(sub, model_args) -> argparse.ArgumentParser:
     lo.add_argument("--allow-any-lora-path", action="store_true",
                     help="let POST /v1/load_lora_adapter read any folder the server can (trusted clients only)")
     lo.add_argument("--show-lora-paths", action="store_true", help="/v1/models shows adapters' folders as `root`")
+    ft = s.add_argument_group("files and fine-tuning")
+    ft.add_argument("--no-fine-tuning", action="store_true",
+                    help="turn off /v1/files and /v1/fine_tuning/jobs (and with them the adapters they would serve)")
+    ft.add_argument("--data-dir", default=None, metavar="DIR",
+                    help="where uploads, jobs and adapters are kept ($KEEL_DATA_DIR, else ~/.local/share/keel)")
+    ft.add_argument("--database-url", default=None, metavar="URL",
+                    help="SQLAlchemy URL of the files/jobs database ($KEEL_DATABASE_URL, else SQLite in --data-dir; "
+                         "postgresql://... for Postgres)")
+    ft.add_argument("--fine-tuning-threads", type=int, default=0, metavar="N",
+                    help="CPU threads of a training worker (default: half the cores; serving keeps the rest)")
     s.set_defaults(func=cmd_serve)
     return s
 
@@ -121,7 +131,7 @@ def _serve(args, sock) -> int:
     from keel.store import ResponseStore, default_state_path
 
     lora = None
-    if args.enable_lora or args.lora or args.lora_dir:
+    if args.enable_lora or args.lora or args.lora_dir or not args.no_fine_tuning:
         lora = LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
                           lora_dtype=args.lora_dtype)
     adapters = [_lora_arg(spec) for spec in args.lora or []]  # bad syntax fails before the model loads
@@ -166,13 +176,20 @@ def _serve(args, sock) -> int:
     for adapter, path in adapters:
         engine.add_lora(adapter, path)  # validated now: a bad adapter stops the start with its reason
     roots = None if args.allow_any_lora_path else [*(args.lora_dir or []), *(args.allowed_lora_path or [])]
+    fine_tuning = None
+    if not args.no_fine_tuning:
+        from keel.finetune.jobs import BaseModel, FineTuning
+        base = BaseModel(name, engine.model_path, engine.max_model_len, engine.tokenizer, engine.device.type,
+                         engine.lora.config.max_lora_rank)
+        fine_tuning = FineTuning(base, args.data_dir, args.database_url, register=engine.add_lora,
+                                 threads=args.fine_tuning_threads)
     app = create_app(engine, served_model_name=name, api_key=api_key, max_waiting=args.max_waiting,
                      allow_lora_updates=not args.no_lora_updates, embedding_model=embedder,
                      engine_threads=engine_threads, limits=limits, enable_docs=args.enable_docs,
                      lora_policy=LoRAPolicy(roots=roots, show_paths=args.show_lora_paths),
                      default_max_tokens=args.default_max_tokens or None,
                      request_timeout_s=args.request_timeout or None,
-                     response_store=store)
+                     response_store=store, fine_tuning=fine_tuning)
     print(_summary(engine, name, embedder, sock, args), file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level=args.log_level.lower(), timeout_graceful_shutdown=args.shutdown_timeout,
                             **uvicorn_settings(limits))

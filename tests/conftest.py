@@ -5,11 +5,14 @@ from __future__ import annotations
 import functools
 import json
 import os
+import tempfile
 
 import pytest
 
 # A `keel serve` started by a test keeps stored responses in memory, never in the user's state file.
 os.environ["KEEL_STATE_DB"] = ":memory:"
+# ... and its uploads, jobs and adapters in a folder of its own, never in the user's data folder.
+os.environ["KEEL_DATA_DIR"] = tempfile.mkdtemp(prefix="keel-test-data-")
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 

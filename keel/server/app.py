@@ -10,7 +10,7 @@ import hmac
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
@@ -32,6 +32,9 @@ from keel.server.fingerprint import created_time, system_fingerprint
 from keel.server.limits import BodyGuard, ServerLimits
 from keel.server.metrics import Metrics
 from keel.store import ResponseStore
+
+if TYPE_CHECKING:
+    from keel.finetune.jobs import FineTuning
 
 DEFAULT_MAX_WAITING = 256
 # Completion tokens for a request that sets no max_tokens. OpenAI's API would allow the whole rest of
@@ -58,6 +61,7 @@ class ServerState:
     default_max_tokens: int | None = DEFAULT_MAX_TOKENS  # None: the rest of the context
     responses: ResponseStore = field(default_factory=ResponseStore)  # stored Responses API responses
     request_timeout_s: float | None = None  # generation time limit per request (None: none)
+    fine_tuning: "FineTuning | None" = None  # files and fine-tuning jobs (keel.finetune.jobs); None: turned off
     _adapter_fps: dict[str, str] = field(default_factory=dict)
 
     def served_names(self) -> set[str]:
@@ -172,7 +176,8 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
                embedding_model: EmbeddingModel | None = None, engine_threads: int | None = None,
                limits: ServerLimits | None = None, lora_policy: LoRAPolicy | None = None,
                enable_docs: bool = False, default_max_tokens: int | None = DEFAULT_MAX_TOKENS,
-               request_timeout_s: float | None = None, response_store: ResponseStore | None = None) -> FastAPI:
+               request_timeout_s: float | None = None, response_store: ResponseStore | None = None,
+               fine_tuning: "FineTuning | None" = None) -> FastAPI:
     """embedding_model: served by POST /v1/embeddings under its own name (None: no embeddings).
     allow_lora_updates: POST /v1/load_lora_adapter and /v1/unload_lora_adapter work (when the
     engine serves LoRA adapters); lora_policy says from which folders (by default none: see LoRAPolicy).
@@ -184,15 +189,19 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
     context, as OpenAI's API).
     response_store: where POST /v1/responses keeps responses (None: in memory, gone with the process).
     request_timeout_s: a request still generating this many seconds after it arrived is ended as if it
-    had reached max_tokens (finish_reason "length"); None: no limit."""
-    from keel.server import adapters, chat, completions, embeddings, responses  # these import this module
+    had reached max_tokens (finish_reason "length"); None: no limit.
+    fine_tuning: serves /v1/files and /v1/fine_tuning/jobs; the app starts its job runner and stops it
+    (keel.finetune.jobs.FineTuning; None: those routes answer 404)."""
+    # these import this module
+    from keel.server import adapters, chat, completions, embeddings, files, responses
+    from keel.server import fine_tuning as ft_routes
 
     aeng = AsyncEngine(engine, max_waiting=max_waiting, num_threads=engine_threads)
     state = ServerState(engine, aeng, served_model_name, api_key or None, system_fingerprint(engine),
                         created_time(engine), allow_lora_updates=allow_lora_updates,
                         limits=limits or ServerLimits(), lora_policy=lora_policy or LoRAPolicy(),
                         default_max_tokens=default_max_tokens, request_timeout_s=request_timeout_s,
-                        responses=response_store or ResponseStore())
+                        responses=response_store or ResponseStore(), fine_tuning=fine_tuning)
     if embedding_model is not None:
         if embedding_model.name == served_model_name:
             raise ValueError(f"the embedding model and the chat model are both named {served_model_name!r}")
@@ -200,7 +209,11 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if state.fine_tuning is not None:
+            state.fine_tuning.start()
         yield
+        if state.fine_tuning is not None:
+            state.fine_tuning.shutdown()
         aeng.shutdown()
         if state.embeddings is not None:
             state.embeddings.shutdown()
@@ -219,6 +232,8 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
     v1.include_router(adapters.router)
     v1.include_router(embeddings.router)
     v1.include_router(responses.router)
+    v1.include_router(files.router)
+    v1.include_router(ft_routes.router)
 
     @v1.get("/models")
     async def list_models(request: Request):
