@@ -1,4 +1,4 @@
-"""The `keel` command: generate, chat and serve."""
+"""The `keel` command: generate, chat, serve, quantize and finetune."""
 
 from __future__ import annotations
 
@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     s = add_serve_parser(sub, _model_args)
     from keel.quant.cli import add_quantize_parser
     add_quantize_parser(sub)
-    for p in (g, c, s):
+    from keel.finetune.cli import add_finetune_parser
+    f = add_finetune_parser(sub, _model_args)
+    for p in (g, c, s, f):
         p.formatter_class = _Help
         _log_args(p, argparse.SUPPRESS)
     args = parser.parse_args(argv)
