@@ -116,3 +116,38 @@ def test_a_killed_server_resumes_the_job_from_its_checkpoint(ft_ckpt, tmp_path):
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_the_built_in_model_learns_made_up_facts(tmp_path):
+    """A job on the built-in model teaches four made-up facts; the adapter answers them on phrasings it never
+    saw, the base model does not, and the base model still knows its own facts."""
+    from keel.config import LoRAConfig
+    from keel.engine.llm_engine import LLMEngine
+    from keel.finetune.jobs import BaseModel, FineTuning
+    from keel.models.loader import DEFAULT_MODEL_NAME
+    from keel.server import create_app
+    from tests.finetune.facts import HELD_OUT, SYSTEM, TRAIN
+    from tests.server.conftest import LiveServer
+    engine = LLMEngine(None, lora=LoRAConfig(max_loras=2, max_lora_rank=16))
+    base = BaseModel(DEFAULT_MODEL_NAME, engine.model_path, engine.max_model_len, engine.tokenizer, max_rank=16)
+    ft = FineTuning(base, str(tmp_path / "data"), register=engine.add_lora, poll_s=0.1)
+    with LiveServer(create_app(engine, served_model_name=DEFAULT_MODEL_NAME, fine_tuning=ft)) as server:
+        client = server.client()
+        f = client.files.create(file=("facts.jsonl", io.BytesIO(jsonl(TRAIN))), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model=DEFAULT_MODEL_NAME, training_file=f.id, seed=0, suffix="facts",
+                                             method={"type": "supervised", "supervised": {"hyperparameters": {
+                                                 "n_epochs": 6, "batch_size": 4, "learning_rate_multiplier": 5}}},
+                                             extra_body={"lora": {"r": 16}})
+        done = wait_for(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed") and j,
+                        600, 0.5)
+        assert done and done.status == "succeeded", done
+
+        def ask(model: str, q: str) -> str:
+            out = client.chat.completions.create(model=model, max_tokens=24, temperature=0, messages=[
+                {"role": "system", "content": SYSTEM}, {"role": "user", "content": q}])
+            return out.choices[0].message.content
+        tuned = [kw in ask(done.fine_tuned_model, q) for q, kw in HELD_OUT]
+        before = [kw in ask(DEFAULT_MODEL_NAME, q) for q, kw in HELD_OUT]
+        assert sum(tuned) >= 6 and sum(before) == 0, (tuned, before)
+        assert "Paris" in ask(DEFAULT_MODEL_NAME, "What is the capital of France?")
