@@ -79,7 +79,10 @@ def run_peft(steps: int) -> dict:
     data = tokenized(steps * BATCH)
     path = default_model_path()
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                 torch_dtype=torch.float32)
+                                                 dtype=torch.float32)
+    # transformers widened the GGUF blocks to float32 tensors, as keel does; only its "quantized" mark stays,
+    # and its Trainer refuses to train a model so marked
+    model.hf_quantizer, model.is_quantized = None, False
     model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0,
                                              task_type="CAUSAL_LM"))
     rows = [{"input_ids": ex.ids, "labels": [t if lab else -100 for t, lab in zip(ex.ids, ex.labels)]} for ex in data]

@@ -178,8 +178,8 @@ def _serve(args, sock) -> int:
     roots = None if args.allow_any_lora_path else [*(args.lora_dir or []), *(args.allowed_lora_path or [])]
     fine_tuning = None
     if not args.no_fine_tuning:
-        from keel.finetune.jobs import BaseModel, FineTuning
-        base = BaseModel(name, engine.model_path, engine.max_model_len, engine.tokenizer, engine.device.type,
+        from keel.finetune.jobs import FineTuning, ServedModel
+        base = ServedModel(name, engine.model_path, engine.max_model_len, engine.tokenizer, engine.device.type,
                          engine.lora.config.max_lora_rank)
         fine_tuning = FineTuning(base, args.data_dir, args.database_url, register=engine.add_lora,
                                  threads=args.fine_tuning_threads)

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 
 from keel.errors import KeelError
@@ -30,7 +29,7 @@ log = logging.getLogger("keel.finetune")
 
 
 @dataclass
-class BaseModel:
+class ServedModel:
     """The model the server serves and jobs train adapters for."""
     name: str
     path: str
@@ -49,7 +48,7 @@ def _die_with_parent() -> None:
 
 
 class FineTuning:
-    def __init__(self, base: BaseModel, folder: str | None = None, url: str | None = None,
+    def __init__(self, base: ServedModel, folder: str | None = None, url: str | None = None,
                  register=None, threads: int = 0, poll_s: float = 0.2) -> None:
         """register(name, adapter folder): serve a finished adapter (None: not served).
         threads: torch threads of each worker (0: half the cores, at least 1, so serving keeps the rest)."""
@@ -199,12 +198,3 @@ def _link_or_copy(src: str, dst: str) -> None:
     except OSError:
         shutil.copyfile(src, dst)
 
-
-def wait_for(check, timeout: float, every: float = 0.1):
-    """Poll check() until it returns a true value (tests and the offline command use it)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(every)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,13 @@ def fact_examples(n: int, seed: int = 0) -> list[dict]:
 
 def jsonl(records: list[dict]) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
+def wait_for(check, timeout: float, every: float = 0.1):
+    """Poll check() until it returns a true value or the timeout passes; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(every)

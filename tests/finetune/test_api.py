@@ -12,9 +12,9 @@ import pytest
 
 from keel.config import CacheConfig, LoRAConfig
 from keel.engine.llm_engine import LLMEngine
-from keel.finetune.jobs import BaseModel, FineTuning, wait_for
+from keel.finetune.jobs import FineTuning, ServedModel
 from keel.server import create_app
-from tests.finetune.conftest import fact_examples, jsonl
+from tests.finetune.conftest import fact_examples, jsonl, wait_for
 from tests.server.conftest import LiveServer
 
 MODEL = "tiny-llama"
@@ -25,7 +25,7 @@ def ft_server(ft_ckpt, tmp_path_factory):
     folder, _ = ft_ckpt
     engine = LLMEngine(folder, dtype="float32", cache=CacheConfig(block_size=4, num_blocks=512),
                        lora=LoRAConfig(max_loras=4, max_lora_rank=16))
-    base = BaseModel(MODEL, folder, engine.max_model_len, engine.tokenizer, max_rank=16)
+    base = ServedModel(MODEL, folder, engine.max_model_len, engine.tokenizer, max_rank=16)
     ft = FineTuning(base, str(tmp_path_factory.mktemp("data")), register=engine.add_lora, threads=1, poll_s=0.05)
     with LiveServer(create_app(engine, served_model_name=MODEL, fine_tuning=ft)) as s:
         yield s
