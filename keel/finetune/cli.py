@@ -47,7 +47,7 @@ def _auto_or(value: str, kind):
 def cmd_finetune(args) -> int:
     import torch
 
-    from keel.finetune.data import parse_jsonl, tokenize
+    from keel.finetune.data import examples, parse_jsonl
     from keel.finetune.lora import attach
     from keel.finetune.plot import loss_svg
     from keel.finetune.settings import resolve
@@ -81,8 +81,8 @@ def cmd_finetune(args) -> int:
     model, ckpt = load_base(path, 1 << 30, device, torch.float32 if device.type == "cpu" else torch.bfloat16)
     settings = resolve(hyper, lora, len(records), model.rotary.cos.shape[0])
     settings.gradient_checkpointing = args.gradient_checkpointing
-    train = [tokenize(r, ckpt.tokenizer, settings.max_seq_length, i + 1) for i, r in enumerate(records)]
-    valid = [tokenize(r, ckpt.tokenizer, settings.max_seq_length, i + 1) for i, r in enumerate(valid_records)]
+    train = examples(records, ckpt.tokenizer, settings.max_seq_length)
+    valid = examples(valid_records, ckpt.tokenizer, settings.max_seq_length)
     name = DEFAULT_MODEL_NAME if args.model is None else ckpt.name
     out = args.output or os.path.join("adapters", f"{name}-{os.path.splitext(os.path.basename(args.data))[0]}")
     layers = attach(model, settings.r, settings.alpha, settings.dropout, settings.target_modules, args.seed)

@@ -158,3 +158,14 @@ def tokenize(example: dict, tokenizer, max_len: int, line: int) -> Example:
     if not any(labels):
         raise DataError(f"line {line}: no assistant token is left within the first {max_len} tokens")
     return Example(ids, labels)
+
+
+def examples(records: list[dict], tokenizer, max_len: int) -> list[Example]:
+    """Every checked record of a training file tokenized (DataError naming the first that cannot be)."""
+    return [tokenize(r, tokenizer, max_len, i + 1) for i, r in enumerate(records)]
+
+
+def read_examples(path: str, tokenizer, max_len: int) -> list[Example]:
+    """A chat JSONL file on disk, checked and tokenized."""
+    with open(path, "rb") as f:
+        return examples(parse_jsonl(f.read(), "fine-tune"), tokenizer, max_len)

@@ -128,7 +128,7 @@ class FineTuning:
                 self._launch(queued[0])
 
     def _validate(self, job: dict) -> None:
-        from keel.finetune.data import DataError, parse_jsonl, tokenize
+        from keel.finetune.data import DataError, read_examples
         from keel.finetune.settings import TrainSettings
         settings = TrainSettings.from_dict(loads(job["settings"]))
         folder = self.job_folder(job["id"])
@@ -137,10 +137,7 @@ class FineTuning:
             if not os.path.exists(path):
                 continue
             try:
-                with open(path, "rb") as f:
-                    records = parse_jsonl(f.read(), "fine-tune")
-                for i, r in enumerate(records):
-                    tokenize(r, self.base.tokenizer, settings.max_seq_length, i + 1)
+                read_examples(path, self.base.tokenizer, settings.max_seq_length)
             except (DataError, KeelError) as e:
                 self.jobs.finish(job["id"], "failed", f"The {param.replace('_', ' ')} is invalid: {e}", level="error",
                                  error={"code": f"invalid_{param}", "message": str(e), "param": param})

@@ -9,8 +9,8 @@ with the same numbers an uninterrupted one computes.
 
 Why it is quicker than a Trainer over a transformers model (bench/finetune.py): q/k/v and gate/up are
 one matmul each (and their LoRA shrinks one more), and the output head runs only on the positions
-whose next token is learned, not on every prompt token: on a small-vocabulary-heavy model like
-SmolLM2 the head is a fifth of the forward pass.
+whose next token is learned, not on every prompt token: on a small model with a large vocabulary
+(SmolLM2: 49152 tokens over a 576-wide state) the head is about a fifth of the forward pass.
 """
 
 from __future__ import annotations

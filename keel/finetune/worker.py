@@ -29,15 +29,9 @@ def job_folder(data_dir: str, job_id: str) -> str:
     return os.path.join(data_dir, "fine_tuning", job_id)
 
 
-def _examples(path: str, tokenizer, max_len: int):
-    from keel.finetune.data import parse_jsonl, tokenize
-    with open(path, "rb") as f:
-        records = parse_jsonl(f.read(), "fine-tune")
-    return [tokenize(r, tokenizer, max_len, i + 1) for i, r in enumerate(records)]
-
-
 def train_job(store: JobStore, job_id: str, data_dir: str, device: str = "cpu") -> None:
     from keel.finetune.settings import TrainSettings
+    from keel.finetune.data import read_examples
     from keel.finetune.lora import attach
     from keel.finetune.trainer import Trainer, latest_checkpoint, load_base, run
     job = store.get(job_id)
@@ -48,9 +42,9 @@ def train_job(store: JobStore, job_id: str, data_dir: str, device: str = "cpu") 
     ckpt_dir = os.path.join(folder, "checkpoints")
     model, ckpt = load_base(job["model_path"], settings.max_seq_length, torch.device(device),
                             torch.float32 if device == "cpu" else torch.bfloat16)
-    train = _examples(os.path.join(folder, "training.jsonl"), ckpt.tokenizer, settings.max_seq_length)
+    train = read_examples(os.path.join(folder, "training.jsonl"), ckpt.tokenizer, settings.max_seq_length)
     valid_path = os.path.join(folder, "validation.jsonl")
-    valid = _examples(valid_path, ckpt.tokenizer, settings.max_seq_length) if os.path.exists(valid_path) else None
+    valid = read_examples(valid_path, ckpt.tokenizer, settings.max_seq_length) if os.path.exists(valid_path) else None
     layers = attach(model, settings.r, settings.alpha, settings.dropout, settings.target_modules, job["seed"])
     trainer = Trainer(model, layers, settings, job["seed"], train, valid)
     resumed = latest_checkpoint(ckpt_dir)
