@@ -6,11 +6,12 @@ machine, and how much serving slows while a job trains.
 Both sides train the built-in model (SmolLM2-135M-Instruct; transformers reads the same GGUF file and
 widens its blocks to float32, as keel does) with LoRA r=16, alpha=32 on all seven projections, batch 8,
 the same examples in the same order, loss on the assistant tokens only (the same token masks: keel's
-tokenization), AdamW, lr 2e-4 with the same warmup and linear decay. Each side runs in its own process
+tokenization), AdamW, lr 2e-4 decaying linearly to 0 (no warmup: the two libraries define a warmup step
+differently, with no warmup their schedules are the same). Each side runs in its own process
 (peak RSS = its memory), sides interleaved round by round; tokens/s counts every token of every
 example (prompt and answer), after the first step (warm-up). Loss curves of both are plotted in
 finetune_loss.svg. Serving: 8 concurrent greedy requests of 64 tokens on the engine, alone and while a
-training worker (1 thread) runs beside it.
+training process (1 thread, at the job worker's lowered priority) runs beside it.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def run_keel(steps: int) -> dict:
     from keel.finetune.trainer import Trainer
     from keel.models.loader import default_model_path
     data = tokenized(steps * BATCH)
-    s = resolve({"n_epochs": 1, "batch_size": BATCH}, {"r": R, "alpha": ALPHA, "target_modules": TARGETS},
+    s = resolve({"n_epochs": 1, "batch_size": BATCH, "warmup_ratio": 0}, {"r": R, "alpha": ALPHA, "target_modules": TARGETS},
                 len(data), 2048)
     trainer = Trainer.build(default_model_path(), s, 0, data)
     trainer.batch_of = lambda step: (0, data[step * BATCH:(step + 1) * BATCH])  # the same order as PEFT's
@@ -111,7 +112,7 @@ def run_peft(steps: int) -> dict:
 
     out = tempfile.mkdtemp()
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=2e-4,
-                             warmup_steps=max(1, round(0.03 * steps)), lr_scheduler_type="linear", weight_decay=0.0,
+                             warmup_steps=0, lr_scheduler_type="linear", weight_decay=0.0,
                              logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
                              dataloader_num_workers=0, remove_unused_columns=False, max_grad_norm=1.0)
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[Clock()])
@@ -133,7 +134,7 @@ def serving(train_too: bool, data_dir: str) -> dict:
     worker = None
     if train_too:
         worker = subprocess.Popen([sys.executable, "-m", "bench.finetune", "--side", "keel", "--steps", "40",
-                                   "--threads", "1", "--json", os.path.join(data_dir, "bg.json")])
+                                   "--threads", "1", "--nice", "--json", os.path.join(data_dir, "bg.json")])
         time.sleep(15)  # past model loading, into training
     t = time.perf_counter()
     outs = llm.generate(prompts, params)
@@ -149,6 +150,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--nice", action="store_true", help="at the training worker's priority")
     ap.add_argument("--json")
     ap.add_argument("--out", default="bench/results/finetune.md")
     args = ap.parse_args()
@@ -156,6 +158,9 @@ def main() -> None:
         import torch
         if args.threads:
             torch.set_num_threads(args.threads)
+        if args.nice:
+            from keel.finetune.worker import lower_priority
+            lower_priority()
         tmp = tempfile.mkdtemp()
         fn = {"keel": lambda: run_keel(args.steps), "peft": lambda: run_peft(args.steps),
               "serve": lambda: serving(False, tmp), "serve+train": lambda: serving(True, tmp)}[args.side]

@@ -190,7 +190,7 @@ def _serve(args, sock) -> int:
                      default_max_tokens=args.default_max_tokens or None,
                      request_timeout_s=args.request_timeout or None,
                      response_store=store, fine_tuning=fine_tuning)
-    print(_summary(engine, name, embedder, sock, args), file=sys.stderr, flush=True)
+    print(_summary(engine, name, embedder, sock, args, fine_tuning), file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level=args.log_level.lower(), timeout_graceful_shutdown=args.shutdown_timeout,
                             **uvicorn_settings(limits))
     try:
@@ -202,7 +202,7 @@ def _serve(args, sock) -> int:
     return 0
 
 
-def _summary(engine, name: str, embedder, sock, args) -> str:
+def _summary(engine, name: str, embedder, sock, args, fine_tuning=None) -> str:
     """What is being served, how, and where: printed once the socket is bound and the model loaded."""
     import keel
     host, port = sock.getsockname()[:2]
@@ -223,6 +223,10 @@ def _summary(engine, name: str, embedder, sock, args) -> str:
         lines.append(f"  adapters    {len(engine.list_loras())} registered, {engine.lora.config.max_loras} resident at once")
     if embedder is not None:
         lines.append(f"  embeddings  {embedder.name}")
+    if fine_tuning is not None:
+        from keel.store.db import redacted
+        lines.append(f"  fine-tuning /v1/files, /v1/fine_tuning/jobs: data in {fine_tuning.folder}, "
+                     f"database {redacted(fine_tuning.db.url)}, workers on {fine_tuning.threads} threads")
     lines.append(f"  listening   http://{shown_host}:{port}/v1 (Ctrl-C to stop)")
     return "\n".join(lines)
 

@@ -32,7 +32,9 @@ def add_finetune_parser(sub, model_args=None) -> argparse.ArgumentParser:
                    help="comma-separated projections (q_proj,v_proj,...) or all-linear")
     p.add_argument("--max-seq-length", type=int, default=None, help="longer examples are cut (default: 2048)")
     p.add_argument("--checkpoint-interval", type=int, default=None, help="steps between checkpoints (default: each epoch)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, slower")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in the backward pass: less memory, slower (default: where a "
+                        "micro-batch's activations would take over half the free memory)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")

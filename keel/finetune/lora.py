@@ -48,6 +48,21 @@ class TrainableLoRA(nn.Module):
             self.B.append(nn.Parameter(torch.zeros(shard_sizes[_], r, device=device)))
         self.dropout = dropout
 
+    def slices(self) -> list[slice]:
+        """Output rows of each adapted shard, in self.order."""
+        starts = [sum(self.shard_sizes[:i]) for i in range(len(self.shard_sizes))]
+        return [slice(starts[i], starts[i] + self.shard_sizes[i]) for i in self.order]
+
+    def merges(self, linear) -> bool:
+        """Base and update in one op (see MergedLoRALinear): float32 weights and no dropout (dropout
+        feeds the update another input than the base)."""
+        return linear.weight.dtype == torch.float32 and not self.dropout
+
+    def linear(self, linear, x: torch.Tensor) -> torch.Tensor:
+        """The training forward of a Linear with this adapter: y = x (W + s B A)ᵀ + b."""
+        params = [t for k in range(len(self.order)) for t in (self.A[k], self.B[k])]
+        return MergedLoRALinear.apply(x, linear.weight, linear.bias, self.scale, self.slices(), *params)
+
     def apply(self, x: torch.Tensor, y: torch.Tensor, meta) -> None:
         # x: [T, in]; y: [T, out] (the base output, updated in place)
         xf = x.float()
@@ -72,6 +87,45 @@ class TrainableLoRA(nn.Module):
             out[f"base_model.model.{name}.lora_A.weight"] = self.A[k].detach().float().cpu().contiguous()
             out[f"base_model.model.{name}.lora_B.weight"] = self.B[k].detach().float().cpu().contiguous()
         return out
+
+
+def _merged(weight: torch.Tensor, slices: list[slice], ab, scale: float) -> torch.Tensor:
+    w = weight.clone()
+    for k, sl in enumerate(slices):
+        w[sl].addmm_(ab[2 * k + 1], ab[2 * k], alpha=scale)  # W_k + s B_k A_k
+    return w
+
+
+class MergedLoRALinear(torch.autograd.Function):
+    """y = x (W + s B A)ᵀ + b with gradients for A and B only, the products PEFT's layer computes in fewer,
+    larger operations. Forward and input gradient each use one matmul with the merged weight (rebuilt
+    in the backward pass, not kept: out x in x r multiply-adds, small beside a step's T x out x in)
+    instead of the base matmul plus thin [T, r] x [r, out] ones and the adds between them; the LoRA
+    gradients need x Aᵀ and dY B, one thin matmul each. Exact in float32 up to rounding order."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, slices, *ab):
+        ctx.scale, ctx.slices = scale, slices
+        ctx.save_for_backward(x, weight, *ab)
+        return F.linear(x, _merged(weight, slices, ab, scale), bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, *ab = ctx.saved_tensors
+        scale, slices = ctx.scale, ctx.slices
+        dx = dy @ _merged(weight, slices, ab, scale) if ctx.needs_input_grad[0] else None
+        x2 = x.reshape(-1, x.shape[-1])
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        a_all = ab[0] if len(slices) == 1 else torch.cat(ab[0::2])
+        h = x2 @ a_all.t()  # [T, r * shards]: one shrink for every shard
+        grads = []
+        for k, sl in enumerate(slices):
+            a, b = ab[2 * k], ab[2 * k + 1]
+            r = a.shape[0]
+            dyk = dy2[:, sl]
+            grads.append((dyk @ b).t() @ x2 * scale)  # dA_k = s (dY_k B_k)ᵀ x
+            grads.append(dyk.t() @ h[:, k * r:(k + 1) * r] * scale)  # dB_k = s dY_kᵀ (x A_kᵀ)
+        return (dx, None, None, None, None, *grads)
 
 
 def attach(model: nn.Module, r: int, alpha: float, dropout: float, targets, seed: int) -> list[TrainableLoRA]:

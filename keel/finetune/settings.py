@@ -32,8 +32,9 @@ class TrainSettings:
     max_seq_length: int = 2048  # longer examples are cut
     checkpoint_interval: int = 0  # steps between checkpoints (0: one per epoch)
     warmup_ratio: float = 0.03
-    micro_batch_tokens: int = 4096  # padded tokens per forward pass; a step accumulates gradients over several
-    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass
+    micro_batch_tokens: int = 4096  # tokens per forward pass; a step accumulates gradients over several
+    gradient_checkpointing: bool | None = None  # recompute each layer's activations in the backward pass
+    # (None: where a micro-batch's activations would not fit in memory, see keel.finetune.trainer)
 
     @property
     def learning_rate(self) -> float:

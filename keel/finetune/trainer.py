@@ -7,10 +7,10 @@ Deterministic for a seed on one machine: the example order of epoch e is a permu
 holds everything else (adapter, optimizer moments, step), so a job resumed from a checkpoint continues
 with the same numbers an uninterrupted one computes.
 
-Why it is quicker than a Trainer over a transformers model (bench/finetune.py): q/k/v and gate/up are
-one matmul each (and their LoRA shrinks one more), and the output head runs only on the positions
-whose next token is learned, not on every prompt token: on a small model with a large vocabulary
-(SmolLM2: 49152 tokens over a 576-wide state) the head is about a fifth of the forward pass.
+Why it is quicker than a Trainer over a transformers model (bench/finetune.py): the examples of a
+micro-batch are packed, not padded (each attends within itself), q/k/v and gate/up are one matmul each,
+each adapted projection runs as one op with its update merged into the weight (keel.finetune.lora.
+MergedLoRALinear), and the output head runs only on the positions whose next token is learned.
 """
 
 from __future__ import annotations
@@ -64,14 +64,15 @@ def load_base(model_path: str, max_len: int, device: torch.device, dtype: torch.
     return model, ckpt
 
 
-def hidden_states(model, ids: torch.Tensor, checkpointing: bool) -> torch.Tensor:
-    """ids: [B, L] -> final hidden states [B * L, hidden], through keel's layers with LoRA in training mode."""
-    B, L = ids.shape
-    meta = CausalBatch(B, L)
-    x = model.model.embed_tokens(ids.reshape(-1))
+def hidden_states(model, ids: torch.Tensor, lengths: list[int], checkpointing: bool = False) -> torch.Tensor:
+    """ids: [sum(lengths)], the sequences packed one after another -> final hidden states [T, hidden],
+    through keel's layers with LoRA in training mode."""
+    meta = CausalBatch(list(lengths))
+    x = model.model.embed_tokens(ids)
     if x.dtype != model.dtype:
         x = x.to(model.dtype)
-    rope = model.rotary.lookup(torch.arange(L, device=ids.device).repeat(B))
+    positions = torch.cat([torch.arange(n, device=ids.device) for n in lengths])
+    rope = model.rotary.lookup(positions)
     for layer in model.model.layers:
         if checkpointing:
             x = torch.utils.checkpoint.checkpoint(layer, x, rope, meta, TRAINING, use_reentrant=False)
@@ -81,32 +82,55 @@ def hidden_states(model, ids: torch.Tensor, checkpointing: bool) -> torch.Tensor
 
 
 def _micro_batches(batch: list[Example], budget: int) -> list[list[Example]]:
-    """Consecutive examples grouped so that each group's padded size (count x longest) stays within budget."""
-    groups, cur, longest = [], [], 0
+    """Consecutive examples grouped so that each group holds at most `budget` tokens (one longer
+    example goes alone)."""
+    groups, cur, size = [], [], 0
     for ex in batch:
         n = len(ex.ids)
-        if cur and (len(cur) + 1) * max(longest, n) > budget:
+        if cur and size + n > budget:
             groups.append(cur)
-            cur, longest = [], 0
+            cur, size = [], 0
         cur.append(ex)
-        longest = max(longest, n)
+        size += n
     if cur:
         groups.append(cur)
     return groups
 
 
-def _padded(group: list[Example], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids [B, L], rows of the hidden states that predict a learned token, those tokens)."""
-    L = max(len(ex.ids) for ex in group)
-    ids = torch.zeros(len(group), L, dtype=torch.int64)
-    rows, targets = [], []
-    for b, ex in enumerate(group):
-        ids[b, :len(ex.ids)] = torch.tensor(ex.ids)
+def _packed(group: list[Example], device) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
+    """(ids packed [T], lengths, rows of the hidden states that predict a learned token, those tokens).
+    Packed, not padded: a padding row costs every projection as much as a real one
+    (bench/results/finetune.md)."""
+    ids, lengths, rows, targets, start = [], [], [], [], 0
+    for ex in group:
+        ids += ex.ids
+        lengths.append(len(ex.ids))
         for t, learned in enumerate(ex.labels):
             if learned:
-                rows.append(b * L + t - 1)  # the hidden state before token t predicts it
+                rows.append(start + t - 1)  # the hidden state before token t predicts it
                 targets.append(ex.ids[t])
-    return ids.to(device), torch.tensor(rows, device=device), torch.tensor(targets, device=device)
+        start += len(ex.ids)
+    return (torch.tensor(ids, device=device), lengths, torch.tensor(rows, device=device),
+            torch.tensor(targets, device=device))
+
+
+def activation_bytes(model, tokens: int) -> int:
+    """What a forward pass over `tokens` tokens keeps for the backward pass, about: per token and layer
+    16 hidden-wide and 6 intermediate-wide float vectors (norms, projections, rotary, attention and MLP
+    outputs), which matches the peak memory bench/finetune.py measures on SmolLM2."""
+    cfg = model.config
+    per = 16 * cfg.hidden_size + 6 * cfg.intermediate_size
+    return tokens * cfg.num_layers * per * torch.finfo(model.dtype).bits // 8
+
+
+def wants_checkpointing(model, tokens: int, device: torch.device) -> bool:
+    """Gradient checkpointing when a micro-batch's activations would take over half the free memory."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        from keel.engine.memory import available_cpu_bytes
+        free = available_cpu_bytes()
+    return free is not None and activation_bytes(model, tokens) > free // 2
 
 
 class Trainer:
@@ -122,6 +146,10 @@ class Trainer:
         self.warmup = max(1, round(settings.warmup_ratio * self.total_steps)) if settings.warmup_ratio else 0
         self.step = 0  # optimizer steps done
         self.device = next(model.parameters()).device
+        if settings.gradient_checkpointing is None:
+            longest = max([len(ex.ids) for ex in train] + [1])
+            biggest = max(longest, min(settings.micro_batch_tokens, settings.batch_size * longest))
+            settings.gradient_checkpointing = wants_checkpointing(model, biggest, self.device)
 
     @classmethod
     def build(cls, model_path: str, settings: TrainSettings, seed: int, train: list[Example],
@@ -147,8 +175,8 @@ class Trainer:
     # -- one step ----------------------------------------------------------------------------
     def _loss(self, group: list[Example]) -> tuple[torch.Tensor, int]:
         """(summed cross-entropy over the group's learned tokens, correct greedy predictions)."""
-        ids, rows, targets = _padded(group, self.device)
-        h = hidden_states(self.model, ids, self.s.gradient_checkpointing)
+        ids, lengths, rows, targets = _packed(group, self.device)
+        h = hidden_states(self.model, ids, lengths, self.s.gradient_checkpointing)
         logits = self.model.compute_logits(h.index_select(0, rows))  # the head only where a token is learned
         loss = F.cross_entropy(logits, targets, reduction="sum")
         return loss, int((logits.argmax(-1) == targets).sum())

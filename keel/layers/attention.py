@@ -77,11 +77,10 @@ class AttentionMetadata:
 
 @dataclass
 class CausalBatch:
-    """The attention metadata of a training forward (keel.finetune): batch_size sequences of seq_len
-    tokens each (right-padded), laid out [batch_size * seq_len] row after row, with no KV cache. Causal
-    attention alone keeps real tokens off the padding, which only ever comes after them."""
-    batch_size: int
-    seq_len: int
+    """The attention metadata of a training forward (keel.finetune): sequences of these lengths packed
+    one after another, no padding and no KV cache. Every projection runs once over all the rows; each
+    sequence attends causally within itself."""
+    lengths: list[int]
 
 
 class PagedAttention(nn.Module):
@@ -140,11 +139,16 @@ class PagedAttention(nn.Module):
         return self._batched(q, meta)
 
     def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: CausalBatch) -> torch.Tensor:
-        B, L, H, KVH, D = meta.batch_size, meta.seq_len, self.num_heads, self.num_kv_heads, self.head_dim
-        out = F.scaled_dot_product_attention(q.reshape(B, L, H, D).transpose(1, 2), k.reshape(B, L, KVH, D).transpose(1, 2),
-                                             v.reshape(B, L, KVH, D).transpose(1, 2), is_causal=True, scale=self.scale,
-                                             enable_gqa=H != KVH)
-        return out.transpose(1, 2).reshape(B * L, H * D)
+        H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
+        outs, start = [], 0
+        for n in meta.lengths:  # one SDPA call per sequence: no padding, no mask
+            sl = slice(start, start + n)
+            o = F.scaled_dot_product_attention(q[sl].transpose(0, 1)[None], k[sl].transpose(0, 1)[None],
+                                               v[sl].transpose(0, 1)[None], is_causal=True, scale=self.scale,
+                                               enable_gqa=H != KVH)
+            outs.append(o[0].transpose(0, 1).reshape(n, H * D))
+            start += n
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _one_query_at_a_time(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Batch-invariant attention without keel's kernel (PyTorch's operators, or a bfloat16 cache): each

@@ -100,6 +100,8 @@ class Linear(nn.Module):
         self._load(param, loaded, shard, "bias")
 
     def forward(self, x: torch.Tensor, lora: "LoRAMetadata | None" = None) -> torch.Tensor:
+        if lora is not None and self.lora is not None and self.lora.merges(self):
+            return self.lora.linear(self, x)  # LoRA training (keel.finetune.lora): base and update in one op
         y = self.base_forward(x)
         if lora is not None and self.lora is not None:
             # Adapters add on top of whatever the base computes (dense, packed or quantized), never

@@ -224,6 +224,10 @@ class LinearLoRA:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in [self.a] + self.b)
 
+    def merges(self, linear) -> bool:
+        """Never: one base pass serves the tokens of every adapter (keel.finetune.lora's training layer does)."""
+        return False
+
     # -- slot management (the manager calls these between steps) ----------------------------
     def set_slot(self, slot: int, shard: int, a: torch.Tensor | None, bt: torch.Tensor | None,
                  scale: float = 1.0) -> None:

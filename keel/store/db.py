@@ -102,7 +102,7 @@ class Database:
                 sa.event.listen(self.engine, "connect", _sqlite_pragmas)
             metadata.create_all(self.engine)
         except (OSError, sa.exc.SQLAlchemyError) as e:
-            raise KeelError(f"the database {_redacted(url)} cannot be opened: {e}") from None
+            raise KeelError(f"the database {redacted(url)} cannot be opened: {e}") from None
 
     def begin(self):
         """A transaction: `with db.begin() as c: c.execute(...)`."""
@@ -120,7 +120,8 @@ def _sqlite_pragmas(conn, _record) -> None:
     cur.close()
 
 
-def _redacted(url: str) -> str:
+def redacted(url: str) -> str:
+    """The URL with any password hidden, for logs and messages."""
     try:
         return sa.engine.make_url(url).render_as_string(hide_password=True)
     except Exception:  # not a URL at all: nothing to hide

@@ -34,13 +34,14 @@ def test_forward_and_gradients_match_peft(ft_ckpt, tmp_path, targets):
     from peft import PeftModel
     folder, hf = ft_ckpt
     model, layers, _ = _keel_with_lora(folder, targets)
-    ids = torch.randint(2, 256, (2, 12), generator=torch.Generator().manual_seed(3))
-    logits = model.compute_logits(hidden_states(model, ids, checkpointing=False)).view(2, 12, -1)
+    # two sequences of different lengths, packed for keel, one at a time through PEFT
+    seqs = [torch.randint(2, 256, (n,), generator=torch.Generator().manual_seed(n)) for n in (12, 7)]
+    logits = model.compute_logits(hidden_states(model, torch.cat(seqs), [12, 7]))
     adapter = str(tmp_path / "adapter")
     from keel.finetune.lora import save_peft
     save_peft(layers, adapter, 4, 8.0, 0.0, targets, folder)
     peft_model = PeftModel.from_pretrained(hf, adapter, is_trainable=True)
-    want = peft_model(input_ids=ids).logits
+    want = torch.cat([peft_model(input_ids=s[None]).logits[0] for s in seqs])
     assert torch.allclose(logits, want, atol=2e-4, rtol=1e-4), (logits - want).abs().max()
 
     # gradients of the same loss, through both
@@ -70,7 +71,7 @@ def test_training_forward_matches_serving_forward(ft_ckpt):
         greedy = []
         seq = list(ids)
         for _ in range(5):
-            h = hidden_states(model, torch.tensor([seq]), False)
+            h = hidden_states(model, torch.tensor(seq), [len(seq)])
             greedy.append(int(model.compute_logits(h[-1:]).argmax()))
             seq.append(greedy[-1])
     engine = LLMEngine(folder, dtype="float32")
@@ -135,3 +136,16 @@ def test_checkpointing_and_micro_batches_give_the_same_step(ft_ckpt):
     for pa, pb in zip(a.params, b.params):
         assert torch.allclose(pa, pb, atol=1e-6)
 
+
+
+def test_gradient_checkpointing_turns_on_where_activations_would_not_fit(ft_ckpt, monkeypatch):
+    import keel.engine.memory as memory
+    from keel.finetune.trainer import activation_bytes
+    folder, _ = ft_ckpt
+    train = _examples(folder, 8)
+    need = activation_bytes(load_base(folder, 256, torch.device("cpu"), torch.float32)[0], 4 * max(len(e.ids) for e in train))
+    for free, on in ((100 * need, False), (need, True)):
+        monkeypatch.setattr(memory, "available_cpu_bytes", lambda: free)
+        s = resolve({"n_epochs": 1, "batch_size": 4}, None, len(train), 256)
+        assert s.gradient_checkpointing is None
+        assert Trainer.build(folder, s, 0, train).s.gradient_checkpointing is on
