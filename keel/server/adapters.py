@@ -32,6 +32,7 @@ from keel.lora.adapter import check_adapter_name
 from keel.server.body import documented
 from keel.server.errors import APIError, shown
 from keel.server.fingerprint import digest_file
+from keel.server.common import get_state, read_body
 
 router = APIRouter()
 
@@ -113,15 +114,10 @@ def _need_lora(state) -> None:
                             "(--no-lora-updates).", type="permission_error", code="lora_updates_disabled")
 
 
-def _state(request: Request):
-    return request.app.state.keel
-
-
 @router.post("/load_lora_adapter", openapi_extra=documented(LoadLoRARequest))
 async def load_lora_adapter(request: Request):
-    from keel.server.app import read_body
     body = await read_body(request, LoadLoRARequest)
-    state = _state(request)
+    state = get_state(request)
     _need_lora(state)
     name = body.lora_name
     try:
@@ -155,9 +151,8 @@ async def load_lora_adapter(request: Request):
 
 @router.post("/unload_lora_adapter", openapi_extra=documented(UnloadLoRARequest))
 async def unload_lora_adapter(request: Request):
-    from keel.server.app import read_body
     body = await read_body(request, UnloadLoRARequest)
-    state = _state(request)
+    state = get_state(request)
     _need_lora(state)
     try:
         state.engine.remove_lora(body.lora_name)

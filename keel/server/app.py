@@ -14,8 +14,6 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ValidationError
-from starlette.concurrency import run_in_threadpool
 
 import keel
 from keel.engine.async_engine import AsyncEngine
@@ -23,11 +21,12 @@ from keel.engine.llm_engine import LLMEngine
 from keel.outputs import RequestOutput
 from keel.sampling_params import SamplingParams
 from keel.embed import EmbeddingModel
-from keel.server import errors, pages
+from keel.server import adapters, chat, completions, embeddings, errors, files, pages, responses
+from keel.server import fine_tuning as ft_routes
 from keel.server.embeddings import EmbeddingService
 from keel.server.adapters import LoRAPolicy, adapter_cards, adapter_fingerprint
-from keel.server.body import parse_json
-from keel.server.errors import APIError, context_length_exceeded, from_validation, model_not_found
+from keel.server.common import get_state
+from keel.server.errors import APIError, context_length_exceeded, model_not_found
 from keel.server.fingerprint import created_time, system_fingerprint
 from keel.server.limits import BodyGuard, ServerLimits
 from keel.server.metrics import Metrics
@@ -41,8 +40,6 @@ DEFAULT_MAX_WAITING = 256
 # the context, which for a small model sampling at temperature 1 is minutes of rambling before the
 # client sees anything (and the openai client times out after 600 s and silently retries).
 DEFAULT_MAX_TOKENS = 1024
-# Bodies larger than this are parsed and validated on a worker thread, so the event loop keeps serving.
-OFFLOAD_BODY_BYTES = 256 * 1024
 
 
 @dataclass
@@ -134,29 +131,6 @@ async def _time_limited(source: AsyncIterator[RequestOutput], aeng: AsyncEngine,
         await source.aclose()
 
 
-def get_state(request: Request) -> ServerState:
-    return request.app.state.keel
-
-
-async def read_body(request: Request, model: type[BaseModel]):
-    """The JSON body as `model`. Read by hand rather than by FastAPI so that a body sent without
-    `Content-Type: application/json` (curl -d) is still read as JSON, as OpenAI's API does; checked
-    for depth and bad text first (keel.server.body)."""
-    raw = await request.body()
-    depth = get_state(request).limits.max_json_depth
-    if len(raw) > OFFLOAD_BODY_BYTES:
-        return await run_in_threadpool(_parse_body, raw, model, depth)
-    return _parse_body(raw, model, depth)
-
-
-def _parse_body(raw: bytes, model: type[BaseModel], max_depth: int):
-    data = parse_json(raw, max_depth)
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise from_validation(e, data) from None
-
-
 async def require_api_key(request: Request) -> None:
     key = get_state(request).api_key
     if key is None:
@@ -192,9 +166,6 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
     had reached max_tokens (finish_reason "length"); None: no limit.
     fine_tuning: serves /v1/files and /v1/fine_tuning/jobs; the app starts its job runner and stops it
     (keel.finetune.jobs.FineTuning; None: those routes answer 404)."""
-    # these import this module
-    from keel.server import adapters, chat, completions, embeddings, files, responses
-    from keel.server import fine_tuning as ft_routes
 
     aeng = AsyncEngine(engine, max_waiting=max_waiting, num_threads=engine_threads)
     state = ServerState(engine, aeng, served_model_name, api_key or None, system_fingerprint(engine),
@@ -279,6 +250,3 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
 
     return app
 
-
-def now() -> int:
-    return int(time.time())

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from keel.engine.guided import StructuredOutputError
 from keel.outputs import CompletionOutput, Logprob
-from keel.server.app import get_state, now, read_body
+from keel.server.common import get_state, now, read_body
 from keel.server.body import documented
 from keel.server.errors import context_length_exceeded, from_exception
 from keel.tokenizer import PromptTooLongError

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from keel.outputs import CompletionOutput, RequestOutput
-from keel.server.app import get_state, now, read_body
+from keel.server.common import get_state, now, read_body
 from keel.server.chat import finish_reason, visible_logprobs
 from keel.server.body import documented
 from keel.server.errors import context_length_exceeded, from_exception

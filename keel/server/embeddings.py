@@ -30,6 +30,7 @@ from keel.server.body import documented
 from keel.server.errors import APIError, model_not_found
 from keel.server.protocol import _Strict
 from keel.server.streaming import unless_disconnected
+from keel.server.common import get_state, read_body
 
 router = APIRouter()
 
@@ -118,7 +119,6 @@ def _encode(vec: torch.Tensor, fmt: str):
 
 @router.post("/embeddings", openapi_extra=documented(EmbeddingRequest))
 async def create_embeddings(request: Request):
-    from keel.server.app import get_state, read_body
     body = await read_body(request, EmbeddingRequest)
     state = get_state(request)
     service: EmbeddingService | None = state.embeddings

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from keel.server.common import get_state
 from keel.server.errors import APIError, shown
 from keel.store.files import PURPOSES, card
 
@@ -20,7 +21,7 @@ MAX_FILENAME = 512
 
 
 def service(request: Request):
-    ft = request.app.state.keel.fine_tuning
+    ft = get_state(request).fine_tuning
     if ft is None:
         raise APIError(404, "Files and fine-tuning are turned off on this server (--no-fine-tuning).",
                        code="fine_tuning_disabled")

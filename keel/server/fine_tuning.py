@@ -20,6 +20,7 @@ from keel.server.body import documented
 from keel.server.errors import APIError, shown
 from keel.server.files import service
 from keel.store.jobs import checkpoint_card, event_card, fine_tuned_name, job_card
+from keel.server.common import get_state, read_body
 
 router = APIRouter()
 _SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -71,11 +72,10 @@ async def create_job(request: Request):
     import secrets
 
     from keel.finetune.settings import resolve
-    from keel.server.app import read_body
     ft = service(request)
     body = await read_body(request, CreateJob)
     if body.model != ft.base.name:
-        if body.model.startswith("ft:") or request.app.state.keel.is_adapter(body.model):
+        if body.model.startswith("ft:") or get_state(request).is_adapter(body.model):
             raise APIError(400, f"`{shown(body.model)}` is an adapter; fine-tune the base model `{ft.base.name}` "
                                 f"(training on top of an adapter is not supported).", code="invalid_value", param="model")
         raise APIError(400, f"Model {shown(body.model)} is not available for fine-tuning here; this server fine-tunes "

@@ -28,12 +28,13 @@ from keel.server.responses_items import (ResponsesRequest, call_item, chat_reque
                                          new_id, output_items)
 from keel.server.streaming import STREAM_HEADERS, Fanin, start, unless_disconnected
 from keel.server.tools import ToolCallStream, parse_tool_calls
+from keel.server.common import get_state, read_body
 
 router = APIRouter()
 
 
 def _store(request: Request):
-    return request.app.state.keel.responses
+    return get_state(request).responses
 
 
 def _not_found(response_id: str) -> APIError:
@@ -78,7 +79,6 @@ def _logprobs(o, include_stop: bool, start: int = 0) -> list[dict]:
 
 @router.post("/responses", openapi_extra=documented(ResponsesRequest))
 async def create_response(request: Request):
-    from keel.server.app import get_state, read_body
     arrival = time.monotonic()
     body = await read_body(request, ResponsesRequest)
     state = get_state(request)
