@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from keel.errors import InvalidRequestError
 from keel.sampling_params import SamplingParams
@@ -41,16 +41,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class _HostedOnly(_Strict):
-    """Fields every generation endpoint accepts and ignores (see HOSTED_ONLY_FIELDS)."""
-    store: Any = None
-    metadata: Any = None
-    service_tier: Any = None
-    user: Any = None
-    safety_identifier: Any = None
-    prompt_cache_key: Any = None
-    prompt_cache_retention: Any = None
-    prompt_cache_options: Any = None
+# Fields every generation endpoint accepts and ignores, declared from HOSTED_ONLY_FIELDS alone (and
+# documented in keel/server/__init__.py, which a test holds to this tuple).
+_HostedOnly = create_model("_HostedOnly", __base__=_Strict, **{name: (Any, None) for name in HOSTED_ONLY_FIELDS})
 
 
 class StreamOptions(_Strict):
@@ -254,12 +247,6 @@ class ChatCompletionRequest(_SamplingFields):
     function_call: Any = None
     modalities: list[str] | None = None
     audio: Any = None
-    # hosted-only, ignored
-    prediction: Any = None
-    reasoning_effort: Any = None
-    web_search_options: Any = None
-    verbosity: Any = None
-    moderation: Any = None
 
     @model_validator(mode="after")
     def _unsupported(self):
