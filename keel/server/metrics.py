@@ -1,13 +1,22 @@
-"""Prometheus metrics, written in the text exposition format by hand (it is a few lines of format and
-not worth a dependency). Updated on the event loop only, so plain ints and floats suffice."""
+"""Prometheus metrics through prometheus_client: request latencies and token counts recorded as requests
+stream, the engine's live state read at scrape time, and the process's own metrics (CPU, memory, open
+files). One registry per server, so several servers in one process (tests) never collide. With
+PROMETHEUS_MULTIPROC_DIR set (gunicorn, Ray replicas), /metrics aggregates every worker process."""
 
 from __future__ import annotations
 
-import bisect
+import os
 import time
 from typing import AsyncIterator
 
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
 from keel.outputs import RequestOutput
+
+# `_created` timestamps beside every counter and histogram double the series for no use here.
+prometheus_client.disable_created_metrics()
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0)
@@ -15,36 +24,59 @@ TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4
 FINISH_REASONS = ("stop", "length", "abort")
 
 
-class Histogram:
-    def __init__(self, buckets: tuple[float, ...]) -> None:
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
-        self.sum = 0.0
+class _EngineState:
+    """The engine's gauges and kernel table, read when /metrics is scraped."""
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
+    def __init__(self) -> None:
+        self.aeng = None
 
-    def lines(self, name: str) -> list[str]:
-        out, total = [], 0
-        for le, count in zip([*map(_num, self.buckets), "+Inf"], self.counts):
-            total += count  # Prometheus buckets are cumulative
-            out.append(f'{name}_bucket{{le="{le}"}} {total}')
-        out += [f"{name}_sum {_num(self.sum)}", f"{name}_count {total}"]
-        return out
-
-
-def _num(x: float) -> str:
-    return repr(float(x)) if isinstance(x, float) else str(x)
+    def collect(self):
+        aeng = self.aeng
+        if aeng is None:
+            return
+        for name, help, value in (
+                ("keel_requests_running", "Sequences in the running batch (a request with n > 1 counts n).",
+                 aeng.num_running),
+                ("keel_requests_waiting", "Requests waiting to be scheduled.", aeng.num_waiting),
+                ("keel_requests_running_max", "Most sequences that ran in one engine step since start.",
+                 aeng.max_running_seen),
+                ("keel_kv_cache_usage_ratio", "Fraction of KV-cache blocks held by requests (0 to 1).",
+                 float(aeng.kv_cache_usage))):
+            yield GaugeMetricFamily(name, help, value=value)
+        yield CounterMetricFamily(
+            "keel_engine_loop_restarts",
+            "Failures that escaped an engine step; each ended the requests in flight, and the loop went on.",
+            value=aeng.num_restarts)
+        backend = getattr(aeng.engine, "backend", None)
+        if backend is not None:
+            info = GaugeMetricFamily("keel_kernel_info", "1 for each layer kind and the implementation that "
+                                     "computes it (chosen once at start).", labels=["layer", "impl", "isa", "batch_invariant"])
+            for kind, impl in backend.table().items():
+                info.add_metric([kind, impl, backend.isa or "none", str(backend.batch_invariant).lower()], 1)
+            yield info
 
 
 class Metrics:
     def __init__(self) -> None:
-        self.ttft = Histogram(TTFT_BUCKETS)
-        self.tpot = Histogram(TPOT_BUCKETS)
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
-        self.finished = dict.fromkeys(FINISH_REASONS, 0)
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self.ttft = Histogram("keel_time_to_first_token_seconds",
+                              "Time from receiving a request to its first generated token.",
+                              buckets=TTFT_BUCKETS, registry=reg)
+        self.tpot = Histogram("keel_time_per_output_token_seconds",
+                              "Time between successive output tokens of a request (one engine step).",
+                              buckets=TPOT_BUCKETS, registry=reg)
+        self.prompt_tokens = Counter("keel_prompt_tokens", "Prompt tokens of admitted requests.", registry=reg)
+        self.generation_tokens = Counter("keel_generation_tokens", "Generated tokens, all choices included.",
+                                         registry=reg)
+        self.finished = Counter("keel_requests", "Finished engine requests by finish reason: 'length' if any "
+                                "choice hit its token limit, 'abort' if the client left before the end, else 'stop'.",
+                                ["finish_reason"], registry=reg)
+        for reason in FINISH_REASONS:
+            self.finished.labels(reason)  # every reason shows, at 0 until it happens
+        self._engine = _EngineState()
+        reg.register(self._engine)
+        ProcessCollector(registry=reg)
 
     async def track(self, source: AsyncIterator[RequestOutput], arrival: float) -> AsyncIterator[RequestOutput]:
         """Passes one engine request's outputs through, recording its latencies and token counts.
@@ -57,58 +89,33 @@ class Metrics:
                 new = sum(len(o.delta_token_ids) for o in out.outputs)
                 if first is None:
                     first = now
-                    self.prompt_tokens += len(out.prompt_token_ids)
+                    self.prompt_tokens.inc(len(out.prompt_token_ids))
                     self.ttft.observe(now - arrival)
                 elif new:
                     self.tpot.observe(now - last)
                 last = now
-                self.generation_tokens += new
+                self.generation_tokens.inc(new)
                 if out.finished:
                     reasons = {o.finish_reason for o in out.outputs}
                     reason = "length" if "length" in reasons else "abort" if "abort" in reasons else "stop"
                 yield out
         finally:
             if first is not None:
-                self.finished[reason or "abort"] += 1
+                self.finished.labels(reason or "abort").inc()
             await source.aclose()
 
     def render(self, aeng) -> str:
-        lines: list[str] = []
+        self._engine.aeng = aeng
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+            reg = CollectorRegistry()
+            multiprocess.MultiProcessCollector(reg)
+            return prometheus_client.generate_latest(reg).decode() + prometheus_client.generate_latest(
+                _only(self._engine)).decode()
+        return prometheus_client.generate_latest(self.registry).decode()
 
-        def metric(name: str, kind: str, help: str, body: list[str]) -> None:
-            lines.extend([f"# HELP {name} {help}", f"# TYPE {name} {kind}", *body])
 
-        metric("keel_requests_running", "gauge", "Sequences in the running batch (a request with n > 1 counts n).",
-               [f"keel_requests_running {aeng.num_running}"])
-        metric("keel_requests_waiting", "gauge", "Requests waiting to be scheduled.",
-               [f"keel_requests_waiting {aeng.num_waiting}"])
-        metric("keel_requests_running_max", "gauge", "Most sequences that ran in one engine step since start.",
-               [f"keel_requests_running_max {aeng.max_running_seen}"])
-        metric("keel_kv_cache_usage_ratio", "gauge", "Fraction of KV-cache blocks held by requests (0 to 1).",
-               [f"keel_kv_cache_usage_ratio {_num(float(aeng.kv_cache_usage))}"])
-        metric("keel_time_to_first_token_seconds", "histogram",
-               "Time from receiving a request to its first generated token.",
-               self.ttft.lines("keel_time_to_first_token_seconds"))
-        metric("keel_time_per_output_token_seconds", "histogram",
-               "Time between successive output tokens of a request (one engine step).",
-               self.tpot.lines("keel_time_per_output_token_seconds"))
-        metric("keel_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.",
-               [f"keel_prompt_tokens_total {self.prompt_tokens}"])
-        metric("keel_generation_tokens_total", "counter", "Generated tokens, all choices included.",
-               [f"keel_generation_tokens_total {self.generation_tokens}"])
-        metric("keel_engine_loop_restarts_total", "counter",
-               "Failures that escaped an engine step; each ended the requests in flight, and the loop went on.",
-               [f"keel_engine_loop_restarts_total {aeng.num_restarts}"])
-        metric("keel_requests_total", "counter",
-               "Finished engine requests by finish reason: 'length' if any choice hit its token limit, "
-               "'abort' if the client left before the end, else 'stop'.",
-               [f'keel_requests_total{{finish_reason="{r}"}} {c}' for r, c in self.finished.items()])
-        backend = getattr(aeng.engine, "backend", None)
-        if backend is not None:
-            def esc(v: str) -> str:
-                return v.replace("\\", "\\\\").replace('"', '\\"')
-            metric("keel_kernel_info", "gauge",
-                   "1 for each layer kind and the implementation that computes it (chosen once at start).",
-                   [f'keel_kernel_info{{layer="{esc(k)}",impl="{esc(v)}",isa="{backend.isa or "none"}",'
-                    f'batch_invariant="{str(backend.batch_invariant).lower()}"}} 1' for k, v in backend.table().items()])
-        return "\n".join(lines) + "\n"
+def _only(collector) -> CollectorRegistry:
+    reg = CollectorRegistry()
+    reg.register(collector)
+    return reg
