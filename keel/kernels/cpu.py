@@ -145,6 +145,21 @@ def _compile(isa: str = "avx2") -> str | None:
     return out
 
 
+ENOMEM, EINVAL = -1, -2  # KEEL_ENOMEM, KEEL_EINVAL of cpu_simd.h
+
+
+class KernelArgumentError(ValueError):
+    """A kernel refused its arguments: keel called it against its preconditions (a bug, not user input)."""
+
+
+def _check(rc: int, what: str) -> None:
+    if rc == EINVAL:
+        raise KernelArgumentError(f"keel's {what} kernel refused its arguments (a precondition in keel/kernels/"
+                                  f"cpu_*.c: shapes, multiples of 8 or 16, context lengths)")
+    if rc != 0:
+        raise MemoryError(f"keel's {what} kernel could not allocate its scratch memory")
+
+
 class CPUKernels:
     def __init__(self, path: str, isa: str = "avx2") -> None:
         self.isa = isa
@@ -157,8 +172,8 @@ class CPUKernels:
         lib.keel_decode_attention_f32.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64, i64, i64,
                                                   ctypes.c_float, c_int]
         lib.keel_decode_attention_f32.restype = c_int
-        lib.keel_prefill_attention_f32.argtypes = [p, i64, p, p, p, p, p, p, p, i64, p, i64, i64, i64, i64, i64,
-                                                   ctypes.c_float, c_int]
+        lib.keel_prefill_attention_f32.argtypes = [p, i64, p, p, p, p, p, p, p, i64, i64, p, i64, i64, i64, i64,
+                                                   i64, ctypes.c_float, c_int]
         lib.keel_prefill_attention_f32.restype = c_int
         lib.keel_silu_mul_f32.argtypes = [p, p, i64, i64]
         lib.keel_rope_cache_f32.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64]
@@ -186,8 +201,7 @@ class CPUKernels:
         rc = self.lib.keel_gemm(x.data_ptr(), fmt, w.data_ptr(), None if scale is None else scale.data_ptr(),
                                 None if zero is None else zero.data_ptr(), sdtype, group, y.data_ptr(), m, n, k,
                                 torch.get_num_threads())
-        if rc != 0:
-            raise MemoryError("keel's matmul kernel could not allocate its scratch buffer")
+        _check(rc, "matmul")
         return y
 
     def decode_stack(self, layers, x: torch.Tensor, dims: tuple, eps: float, scale: float, cos: torch.Tensor,
@@ -200,8 +214,7 @@ class CPUKernels:
                                         sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), tables.shape[1],
                                         context_lens.data_ptr(), block_size,
                                         None if lora is None else ctypes.byref(lora), torch.get_num_threads())
-        if rc != 0:
-            raise MemoryError("keel's decode-step kernel could not allocate its buffers")
+        _check(rc, "decode-step")
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x float32 [..., D] contiguous, weight float32 [D] -> RMSNorm(x) * weight."""
@@ -237,8 +250,7 @@ class CPUKernels:
             q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
             context_lens.data_ptr(), out.data_ptr(), B, H, kvh, D, block_size, tables.shape[1], scale,
             torch.get_num_threads())
-        if rc != 0:
-            raise MemoryError("keel's decode attention kernel could not allocate its scratch buffer")
+        _check(rc, "decode attention")
         return out
 
     def prefill_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -254,10 +266,9 @@ class CPUKernels:
         out = torch.empty(T, H * D, dtype=torch.float32)
         rc = self.lib.keel_prefill_attention_f32(
             q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
-            context_lens.data_ptr(), qlen.data_ptr(), first.data_ptr(), work.data_ptr(), work.shape[0],
+            context_lens.data_ptr(), qlen.data_ptr(), first.data_ptr(), work.data_ptr(), work.shape[0], qlen.shape[0],
             out.data_ptr(), H, kvh, D, block_size, tables.shape[1], scale, torch.get_num_threads())
-        if rc != 0:
-            raise MemoryError("keel's attention kernel could not allocate its scratch buffer")
+        _check(rc, "prefill attention")
         return out
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:

@@ -103,42 +103,44 @@ static inline __attribute__((always_inline)) void attend_one(const float *qh, co
 
 /* Query tokens t0 .. t1 of one request (rows first + t of q and out) for kv head kh: token t sits at
  * position start + t and sees positions p < start + t + 1 through the request's block table. The row
- * offsets and scratch are shared by the tokens. Returns 0, or -1 when scratch could not be allocated. */
+ * offsets and scratch (this thread's scratch slots 0 and 1) are shared by the tokens. Returns KEEL_OK or
+ * KEEL_ENOMEM. */
 static int attend_tokens(const float *q, int64_t ldq, const float *kc, const float *vc, const int64_t *table,
                          int64_t start, int64_t t0, int64_t t1, int64_t first, float *out, int64_t H, int64_t KVH,
                          int64_t kh, int64_t D, int64_t bs, float scale) {
     const int64_t G = H / KVH, nmax = start + t1, n8 = (nmax + 7) & ~(int64_t)7;
-    float *s = malloc(sizeof(float) * G * n8);
-    int64_t *row = malloc(sizeof(int64_t) * nmax); /* offset of position p's k / v row in the caches */
-    int rc = 0;
-    if (s == NULL || row == NULL) {
-        rc = -1;
-    } else {
-        for (int64_t p = 0; p < nmax; p++) row[p] = ((table[p / bs] * bs + p % bs) * KVH + kh) * D;
-        for (int64_t t = t0; t < t1; t++) {
-            int64_t r = first + t;
-            attend_one(q + r * ldq + kh * G * D, kc, vc, row, start + t + 1, G, D, scale, s,
-                       out + r * H * D + kh * G * D);
-        }
+    float *s = keel_scratch(0, sizeof(float) * G * n8);
+    int64_t *row = keel_scratch(1, sizeof(int64_t) * nmax); /* offset of position p's k / v row in the caches */
+    if (s == NULL || row == NULL) return KEEL_ENOMEM;
+    for (int64_t p = 0; p < nmax; p++) row[p] = ((table[p / bs] * bs + p % bs) * KVH + kh) * D;
+    for (int64_t t = t0; t < t1; t++) {
+        int64_t r = first + t;
+        attend_one(q + r * ldq + kh * G * D, kc, vc, row, start + t + 1, G, D, scale, s, out + r * H * D + kh * G * D);
     }
-    free(s);
-    free(row);
-    return rc;
+    return KEEL_OK;
+}
+
+/* The shape preconditions both attention entry points share. */
+static int bad_heads(int64_t H, int64_t KVH, int64_t D, int64_t bs, int64_t NB) {
+    return H <= 0 || KVH <= 0 || H % KVH != 0 || H / KVH > MAXG || D <= 0 || D % 8 != 0 || bs <= 0 || NB <= 0;
 }
 
 /* q: [B, ldq] rows holding H heads of D at the start; caches [slots, KVH, D]; tables [B, NB] int64;
- * ctx [B] int32 (> 0); out [B, H * D]. D % 8 == 0, D <= MAXD, H / KVH <= MAXG. Returns 0, or -1 when a
- * scratch buffer could not be allocated (out is then incomplete). */
+ * ctx [B] int32 (0 < ctx <= NB * bs); out [B, H * D]. D % 8 == 0, H % KVH == 0, H / KVH <= MAXG. Returns
+ * KEEL_OK, KEEL_EINVAL (nothing computed) or KEEL_ENOMEM (out is then incomplete). */
 int keel_decode_attention_f32(const float *q, int64_t ldq, const float *kc, const float *vc,
                               const int64_t *tables, const int32_t *ctx, float *out, int64_t B, int64_t H,
                               int64_t KVH, int64_t D, int64_t bs, int64_t NB, float scale, int threads) {
+    if (B < 0 || bad_heads(H, KVH, D, bs, NB) || ldq < H * D) return KEEL_EINVAL;
+    for (int64_t b = 0; b < B; b++)
+        if (ctx[b] <= 0 || ctx[b] > NB * bs) return KEEL_EINVAL;
     int failed = 0;
 #pragma omp parallel for schedule(dynamic) collapse(2) num_threads(threads)
     for (int64_t b = 0; b < B; b++)
         for (int64_t kh = 0; kh < KVH; kh++)
             if (attend_tokens(q, ldq, kc, vc, tables + b * NB, ctx[b] - 1, 0, 1, b, out, H, KVH, kh, D, bs, scale))
                 failed = 1;
-    return failed ? -1 : 0;
+    return failed ? KEEL_ENOMEM : KEEL_OK;
 }
 
 #define QBLOCK 16 /* query tokens of one request per work item of the prefill entry point */
@@ -146,11 +148,19 @@ int keel_decode_attention_f32(const float *q, int64_t ldq, const float *kc, cons
 /* Several query tokens per request (prefill chunks, mixed steps): request b's qlen[b] tokens are rows
  * first[b] .. first[b] + qlen[b] of q and out, at positions ctx[b] - qlen[b] .. ctx[b] - 1, each over its own
  * causal context, computed exactly as keel_decode_attention_f32 computes a token at that position (the
- * same attend_tokens). Work items: (request, first token) of up to QBLOCK tokens, per kv head. */
+ * same attend_tokens). Work items: (request, first token) of up to QBLOCK tokens, per kv head. B requests:
+ * 0 < qlen[b] <= ctx[b] <= NB * bs. Returns as keel_decode_attention_f32. */
 int keel_prefill_attention_f32(const float *q, int64_t ldq, const float *kc, const float *vc,
                                const int64_t *tables, const int32_t *ctx, const int32_t *qlen, const int64_t *first,
-                               const int64_t *items, int64_t n_items, float *out, int64_t H, int64_t KVH, int64_t D,
-                               int64_t bs, int64_t NB, float scale, int threads) {
+                               const int64_t *items, int64_t n_items, int64_t B, float *out, int64_t H, int64_t KVH,
+                               int64_t D, int64_t bs, int64_t NB, float scale, int threads) {
+    if (n_items < 0 || B < 0 || bad_heads(H, KVH, D, bs, NB) || ldq < H * D) return KEEL_EINVAL;
+    for (int64_t b = 0; b < B; b++)
+        if (qlen[b] <= 0 || qlen[b] > ctx[b] || ctx[b] > NB * bs || first[b] < 0) return KEEL_EINVAL;
+    for (int64_t it = 0; it < n_items; it++) {
+        int64_t b = items[2 * it], t0 = items[2 * it + 1];
+        if (b < 0 || b >= B || t0 < 0 || t0 >= qlen[b]) return KEEL_EINVAL;
+    }
     int failed = 0;
 #pragma omp parallel for schedule(dynamic) collapse(2) num_threads(threads)
     for (int64_t it = 0; it < n_items; it++)
@@ -161,7 +171,7 @@ int keel_prefill_attention_f32(const float *q, int64_t ldq, const float *kc, con
                               D, bs, scale))
                 failed = 1;
         }
-    return failed ? -1 : 0;
+    return failed ? KEEL_ENOMEM : KEEL_OK;
 }
 
 /* out[m, i] = silu(gu[m, i]) * gu[m, I + i]: the gate and up halves of a fused gate_up projection. */

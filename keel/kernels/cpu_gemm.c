@@ -304,9 +304,16 @@ static void int8_few_any(const float *x, const int8_t *w, const void *scale, int
     FEW_SWITCH(INT8_FEW)
 }
 
-/* y [M, N] = x [M, K] Wᵀ. Returns 0, or -1 when a thread's scratch buffer could not be allocated. */
+/* y [M, N] = x [M, K] Wᵀ. Returns KEEL_OK, KEEL_EINVAL (the preconditions at the top of this file; nothing
+ * computed) or KEEL_ENOMEM. Scratch: the calling thread's slot 3 (int4's permuted x), each thread's slot 2
+ * (a widened panel). */
 int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const void *zero, int sdtype, int64_t group,
               float *y, int64_t M, int64_t N, int64_t K, int threads) {
+    if (M < 0 || N < 0 || K <= 0 || K % 8 != 0 || sdtype < 0 || sdtype > 2) return KEEL_EINVAL;
+    if (fmt == KEEL_W_INT4 && (group <= 0 || group % 16 != 0 || K % group != 0)) return KEEL_EINVAL;
+    if (fmt == KEEL_W_INT8G && (group <= 0 || group % 8 != 0 || K % group != 0)) return KEEL_EINVAL;
+    if (fmt != KEEL_W_F32 && fmt != KEEL_W_BF16 && fmt != KEEL_W_INT4 && fmt != KEEL_W_INT8G) return KEEL_EINVAL;
+    if (M == 0 || N == 0) return KEEL_OK;
     /* panel rows: a multiple of NB whose float32 copy is about 16 KB (all of the panel in L1) */
     int64_t P = (16384 / (4 * K)) / NB * NB;
     if (P < NB) P = NB;
@@ -316,10 +323,9 @@ int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const v
 #ifdef __AVX512F__
     const int wide = (fmt == KEEL_W_F32 || fmt == KEEL_W_BF16) && K % 16 == 0;
 #endif
-    float *xp = NULL;
     if (fmt == KEEL_W_INT4) {
-        xp = aligned_alloc(64, ((size_t)(M * K * 4) + 63) / 64 * 64);
-        if (xp == NULL) return -1;
+        float *xp = keel_scratch(3, (size_t)(M * K * 4));
+        if (xp == NULL) return KEEL_ENOMEM;
         permute16(x, xp, M, K);
         x = xp;
     }
@@ -330,7 +336,7 @@ int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const v
 #pragma omp parallel for schedule(static) num_threads(threads)
             for (int64_t n = 0; n < N; n += 2)
                 int8_few_any(x, (const int8_t *)w, scale, sdtype, G, sh, y, N, K, n, (int)M, N - n < 2 ? 1 : 2);
-            return 0;
+            return KEEL_OK;
         }
     }
     if (fmt == KEEL_W_INT4 && M <= MB && ((group / 16) & (group / 16 - 1)) == 0 && K / group <= FEW_MAXG) {
@@ -338,14 +344,13 @@ int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const v
         for (int64_t n = 0; n < N; n += 2)
             int4_few_any(x, (const uint8_t *)w, scale, zero, sdtype, group, y, N, K, n, (int)M,
                          N - n < 2 ? 1 : 2);
-        free(xp);
-        return 0;
+        return KEEL_OK;
     }
 #pragma omp parallel num_threads(threads)
     {
         float *scratch = NULL;
         if (fmt != KEEL_W_F32) {
-            scratch = aligned_alloc(64, ((size_t)(P * K * 4) + 63) / 64 * 64);
+            scratch = keel_scratch(2, (size_t)(P * K * 4));
             if (scratch == NULL) failed = 1;
         }
         /* Rows of x in chunks of about 256 KB, each chunk against every panel: with many rows (a prefill
@@ -380,8 +385,6 @@ int keel_gemm(const float *x, int fmt, const void *w, const void *scale, const v
             }
         }
         }
-        free(scratch);
     }
-    free(xp);
-    return failed ? -1 : 0;
+    return failed ? KEEL_ENOMEM : KEEL_OK;
 }

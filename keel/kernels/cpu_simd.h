@@ -4,7 +4,30 @@
 
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+
+/* What the entry points return: keel/kernels/cpu.py turns the errors into Python exceptions. A kernel
+ * checks the preconditions its loops rely on itself, so a wrong call is an error, never a read or write
+ * out of bounds. */
+#define KEEL_OK 0
+#define KEEL_ENOMEM (-1) /* a scratch buffer could not be allocated */
+#define KEEL_EINVAL (-2) /* an argument breaks the entry point's preconditions */
+
+/* A 64-byte aligned scratch buffer of at least `bytes`, one per thread and slot (0-3), kept and grown as
+ * needed: once the largest step has run, hot loops allocate nothing. NULL when out of memory. A slot
+ * belongs to one use at a time on a thread (see each caller). */
+static inline void *keel_scratch(int slot, size_t bytes) {
+    static _Thread_local void *buf[4];
+    static _Thread_local size_t cap[4];
+    bytes = (bytes + 63) / 64 * 64;
+    if (bytes > cap[slot]) {
+        free(buf[slot]);
+        buf[slot] = aligned_alloc(64, bytes);
+        cap[slot] = buf[slot] != NULL ? bytes : 0;
+    }
+    return buf[slot];
+}
 
 /* The sum of a vector's 8 floats. */
 static inline float hsum(__m256 v) {

@@ -6,6 +6,7 @@
  * (keel/models/llama.py), so the results are the same bit for bit; what goes is the Python and dispatch
  * work between them: about 11 calls per layer, 7 ms a step on the 2-core EPYC at batch 1 with the
  * built-in model (bench/results/decode.md). keel/models/fused_decode.py decides when it runs. */
+#include "cpu_simd.h"
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -83,8 +84,8 @@ static void add(float *x, const float *t, int64_t n) {
 
 /* x [M, D]: the hidden states of M decoding tokens, updated in place through all L layers. cos, sin
  * [M, HD / 2]; slots [M] cache slot of each token; tables [M, NB] block tables; ctx [M] tokens in the
- * cache after this step; lora: the step's adapter slots, or NULL. Returns 0, or -1 when a buffer could not
- * be allocated (x is then undefined). */
+ * cache after this step; lora: the step's adapter slots, or NULL. Returns KEEL_OK, or the error of the buffers
+ * here or of a kernel it calls (x is then undefined). */
 int keel_decode_stack(const keel_layer *layers, int64_t L, float *x, int64_t M, int64_t D, int64_t H, int64_t KVH,
                       int64_t HD, int64_t I, float eps, float scale, const float *cos, const float *sin,
                       const int64_t *slots, const int64_t *tables, int64_t NB, const int32_t *ctx, int64_t bs,
@@ -93,7 +94,7 @@ int keel_decode_stack(const keel_layer *layers, int64_t L, float *x, int64_t M, 
     float *h = malloc(sizeof(float) * M * D), *qkv = malloc(sizeof(float) * M * QKV);
     float *att = malloc(sizeof(float) * M * H * HD), *gu = malloc(sizeof(float) * M * 2 * I);
     float *act = malloc(sizeof(float) * M * I), *t = malloc(sizeof(float) * M * D);
-    int rc = (h && qkv && att && gu && act && t) ? 0 : -1;
+    int rc = (h && qkv && att && gu && act && t) ? KEEL_OK : KEEL_ENOMEM;
     for (int64_t l = 0; l < L && rc == 0; l++) {
         const keel_layer *ly = layers + l;
         keel_rms_norm(x, ly->in_norm, h, M, D, eps);
@@ -115,5 +116,5 @@ int keel_decode_stack(const keel_layer *layers, int64_t L, float *x, int64_t M, 
     free(gu);
     free(act);
     free(t);
-    return rc ? -1 : 0;
+    return rc; /* KEEL_OK; KEEL_EINVAL or KEEL_ENOMEM from a kernel (-1 when both) */
 }

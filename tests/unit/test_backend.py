@@ -81,3 +81,16 @@ def test_records_and_digest():
     other.record("attention", "keel avx2 (every token)")
     assert other.digest() != b.digest()
     assert bk.Backend(CPU, torch.float32, batch_invariant=False).digest() != bk.Backend(CPU, torch.float32).digest()
+
+
+def test_the_kernels_build_wherever_they_can():
+    """Kernel tests skip where keel's C kernels cannot run; a build that breaks must not pass for that."""
+    import os
+    import shutil
+    from keel.kernels.cpu import kernels, runnable_isas
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not (" avx2" in flags and " fma" in flags and compiler):
+        pytest.skip("no AVX2 + FMA CPU with a C compiler here")
+    for isa in runnable_isas():
+        assert kernels(isa) is not None, f"keel's {isa} kernels did not build (see the log for the compiler's error)"
