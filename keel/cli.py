@@ -1,4 +1,4 @@
-"""The `keel` command: generate, chat, serve, quantize and finetune."""
+"""The `keel` command: generate, chat, serve, quantize, finetune and eval."""
 
 from __future__ import annotations
 
@@ -168,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     add_quantize_parser(sub)
     from keel.finetune.cli import add_finetune_parser
     f = add_finetune_parser(sub, _model_args)
-    for p in (g, c, s, f):
+    from keel.evals.cli import add_eval_parser
+    e = add_eval_parser(sub)
+    for p in (g, c, s, f, e):
         p.formatter_class = _Help
         _log_args(p, argparse.SUPPRESS)
     args = parser.parse_args(argv)
