@@ -108,3 +108,17 @@ def test_the_comparison_on_made_up_answers():
     assert results["exp"].expected_a == 1.0 and results["exp"].expected_b == 0.0 and results["exp"].exact == 0.0
     s = summary(list(results.values()))
     assert s["exact_match"] == pytest.approx(1 / 3) and s["min_similarity"] == 0.0
+
+
+@pytest.mark.slow
+def test_the_built_in_model_against_its_int8_copy(tmp_path, capsys):
+    """The shipped suite (JSON schema and tool cases included) on the real model: dense float32 against
+    the GGUF blocks agrees exactly; int8 drifts, and a strict gate fails."""
+    suite = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "data", "eval_suite.jsonl")
+    rc, s, err = _run(capsys, suite, "--a", "builtin", "--b", "builtin", "--b-quantize", "none",
+                      "--out", str(tmp_path / "dense"), "--min-exact-match", "1.0")
+    assert rc == 0, err
+    assert s["json_valid_a"] == s["json_valid_b"] == 1.0 and s["tools_agree"] == 1.0
+    rc, s, err = _run(capsys, suite, "--a", "builtin", "--b", "builtin", "--b-quantize", "int8",
+                      "--out", str(tmp_path / "int8"), "--min-exact-match", "0.95")
+    assert rc == 1 and s["exact_match"] < 0.95 and 0.5 < s["similarity"] < 1.0
