@@ -1,4 +1,4 @@
-"""The `keel` command: generate, chat, serve, quantize, finetune and eval."""
+"""The `keel` command: generate, chat, serve, quantize, finetune, eval and lock."""
 
 from __future__ import annotations
 
@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     f = add_finetune_parser(sub, _model_args)
     from keel.evals.cli import add_eval_parser
     e = add_eval_parser(sub)
-    for p in (g, c, s, f, e):
+    from keel.registry.cli import add_lock_parser
+    lk = add_lock_parser(sub, _model_args)
+    for p in (g, c, s, f, e, lk):
         p.formatter_class = _Help
         _log_args(p, argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -75,6 +75,11 @@ def add_serve_parser(sub, model_args) -> argparse.ArgumentParser:
     lo.add_argument("--allow-any-lora-path", action="store_true",
                     help="let POST /v1/load_lora_adapter read any folder the server can (trusted clients only)")
     lo.add_argument("--show-lora-paths", action="store_true", help="/v1/models shows adapters' folders as `root`")
+    pin = s.add_argument_group("pinning")
+    pin.add_argument("--lock", default=None, metavar="PATH",
+                     help="refuse to start unless the model, the --lora adapters and the output-shaping settings "
+                          "match this keel.lock (written by `keel lock`)")
+    pin.add_argument("--accept-lock-changes", action="store_true", help="with --lock: warn about differences, start anyway")
     ft = s.add_argument_group("files and fine-tuning")
     ft.add_argument("--no-fine-tuning", action="store_true",
                     help="turn off /v1/files and /v1/fine_tuning/jobs (and with them the adapters they would serve)")
@@ -175,6 +180,9 @@ def _serve(args, sock) -> int:
         print(f"keel: registered {len(set(names) - served)} adapters from {folder}", file=sys.stderr, flush=True)
     for adapter, path in adapters:
         engine.add_lora(adapter, path)  # validated now: a bad adapter stops the start with its reason
+    if args.lock:
+        from keel.registry.cli import verify
+        verify(args.lock, engine, dict(adapters), args.accept_lock_changes)
     roots = None if args.allow_any_lora_path else [*(args.lora_dir or []), *(args.allowed_lora_path or [])]
     fine_tuning = None
     if not args.no_fine_tuning:

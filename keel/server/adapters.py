@@ -19,7 +19,6 @@ Choices where vLLM and OpenAI say nothing:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 from dataclasses import dataclass, field
 
@@ -31,12 +30,9 @@ from keel.errors import LoRAError, LoRANotFoundError
 from keel.lora.adapter import check_adapter_name
 from keel.server.body import documented
 from keel.server.errors import APIError, shown
-from keel.server.fingerprint import digest_file
 from keel.server.common import get_state, read_body
 
 router = APIRouter()
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 @dataclass
@@ -83,16 +79,6 @@ class UnloadLoRARequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     lora_name: str
     lora_int_id: int | None = None  # accepted for vLLM clients; the name decides
-
-
-def adapter_fingerprint(base: str, path: str, stored_as=None) -> str:
-    """stored_as: the dtype the adapter's weights are served in (LoRAConfig.lora_dtype), which can round them."""
-    h = hashlib.blake2b(f"{base}|lora_dtype={stored_as}".encode(), digest_size=16)
-    for name in ADAPTER_FILES:
-        f = os.path.join(path, name)
-        if os.path.isfile(f):
-            digest_file(h, f)
-    return "fp_" + h.hexdigest()[:10]
 
 
 def adapter_cards(state) -> list[dict]:

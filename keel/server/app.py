@@ -24,7 +24,8 @@ from keel.embed import EmbeddingModel
 from keel.server import adapters, chat, completions, embeddings, errors, files, pages, responses
 from keel.server import fine_tuning as ft_routes
 from keel.server.embeddings import EmbeddingService
-from keel.server.adapters import LoRAPolicy, adapter_cards, adapter_fingerprint
+from keel.registry.lock import adapter_fingerprint
+from keel.server.adapters import LoRAPolicy, adapter_cards
 from keel.server.common import get_state
 from keel.server.errors import APIError, context_length_exceeded, model_not_found
 from keel.server.fingerprint import created_time, system_fingerprint
