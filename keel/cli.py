@@ -1,4 +1,5 @@
-"""The `keel` command: generate, chat, serve, quantize, finetune, eval and lock."""
+"""The `keel` command: generate, chat, serve, quantize, finetune, eval, lock, and the model store
+(pull, list, show, rm)."""
 
 from __future__ import annotations
 
@@ -170,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     f = add_finetune_parser(sub, _model_args)
     from keel.evals.cli import add_eval_parser
     e = add_eval_parser(sub)
-    from keel.registry.cli import add_lock_parser
+    from keel.registry.cli import add_lock_parser, add_store_parsers
     lk = add_lock_parser(sub, _model_args)
-    for p in (g, c, s, f, e, lk):
+    store_parsers = add_store_parsers(sub)
+    for p in (g, c, s, f, e, lk, *store_parsers):
         p.formatter_class = _Help
         _log_args(p, argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -59,12 +59,17 @@ _QUANT_TAG = re.compile(r"[.-](?:i?q\d[\w]*|f16|f32|bf16|fp16|fp32)$", re.IGNORE
 
 
 def resolve_model(model: str | None) -> str:
-    """A local path for `model`: the built-in default for None, a folder or .gguf file as is,
-    anything else shaped like 'org/name' downloaded from the Hugging Face hub."""
+    """A local path for `model`: the built-in default for None, a folder or .gguf file as is, a name
+    (name@revision) in keel's model store, anything else shaped like 'org/name' downloaded from the
+    Hugging Face hub."""
     if model is None:
         return default_model_path()
     if os.path.exists(model):
         return model
+    from keel.registry.store import find_stored
+    stored = find_stored(model)
+    if stored is not None:  # a name in keel's model store (keel pull), the built-in one included
+        return stored
     if looks_local(model):
         raise ModelLoadError(f"model path {model!r} does not exist")
     try:
