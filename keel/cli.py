@@ -169,14 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     add_quantize_parser(sub)
     from keel.finetune.cli import add_finetune_parser
     f = add_finetune_parser(sub, _model_args)
-    from keel.evals.cli import add_eval_parser
+    from keel.evals.cli import add_eval_parser, add_import_parser
     e = add_eval_parser(sub)
+    ei = add_import_parser(sub)
     from keel.registry.cli import add_lock_parser, add_store_parsers
     lk = add_lock_parser(sub, _model_args)
     store_parsers = add_store_parsers(sub)
-    for p in (g, c, s, f, e, lk, *store_parsers):
+    for p in (g, c, s, f, e, ei, lk, *store_parsers):
         p.formatter_class = _Help
         _log_args(p, argparse.SUPPRESS)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["eval", "import"]:  # a subcommand of eval, whose own first argument is the suite
+        argv = ["eval-import", *argv[2:]]
     args = parser.parse_args(argv)
     if getattr(args, "model_pos", None):
         args.model = args.model_pos

@@ -29,6 +29,33 @@ def add_eval_parser(sub):
     return p
 
 
+def add_import_parser(sub):
+    """`keel eval import` (keel.cli routes `eval import` here)."""
+    p = sub.add_parser("eval-import", help="turn a hosted API's request/response logs into an eval suite "
+                       "(or a fine-tuning file)", usage="keel eval import LOGS.jsonl [--requests FILE] [-o OUT] "
+                       "[--as-finetune]")
+    p.add_argument("logs", metavar="LOGS.jsonl", help="logged {request, response} pairs, or Batch API output")
+    p.add_argument("--requests", default=None, metavar="FILE", help="the Batch API input file (to join by custom_id)")
+    p.add_argument("--output", "-o", default=None, help="where to write (default: LOGS.suite.jsonl or "
+                   "LOGS.finetune.jsonl)")
+    p.add_argument("--as-finetune", action="store_true",
+                   help="write a fine-tuning file (the hosted answers as assistant turns) instead of a suite")
+    p.set_defaults(func=cmd_import)
+    return p
+
+
+def cmd_import(args) -> int:
+    from keel.evals.importer import to_finetune, to_suite
+    records, skipped = (to_finetune if args.as_finetune else to_suite)(args.logs, args.requests)
+    out = args.output or os.path.splitext(args.logs)[0] + (".finetune.jsonl" if args.as_finetune else ".suite.jsonl")
+    with open(out, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    what = "fine-tuning examples" if args.as_finetune else "eval cases"
+    print(f"keel: wrote {len(records)} {what} to {out}" + (f" ({skipped} failed responses skipped)" if skipped else ""),
+          file=sys.stderr)
+    return 0
+
+
 def cmd_eval(args) -> int:
     from keel.evals import report
     from keel.evals.metrics import compare, summary
