@@ -4,7 +4,8 @@ model, a second `keel serve` and a hosted API are measured the same way.
 
 Target strings: a URL (`http://host:8000/v1`; the model is `--a-model`/`--b-model`, else the first one
 the endpoint lists; the key is $KEEL_EVAL_API_KEY, else $OPENAI_API_KEY), or a local model as `keel
-serve` takes it (a folder, a GGUF file, a hub id, or `builtin`), with `--a-quantize`/`--b-quantize`.
+serve` takes it (a folder, a GGUF file, a stored name, a hub id, or `builtin`), with `--a-quantize`/
+`--b-quantize`, or a keel.lock file: its model loaded as the lock says, refused unless every file matches.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Target:
             self.url, self.local = spec.rstrip("/"), False
         else:
             self.url, self.local = None, True
+        self.lock = spec if spec.endswith(".lock") else None
         self.model = model
 
     def describe(self) -> str:
@@ -50,7 +52,10 @@ class Target:
         return f"{self.spec}|{self.model}|{self.quantize}"
 
     def __enter__(self) -> "Target":
-        if self.local:
+        if self.lock:
+            self._server = _InProcessServer.from_lock(self.lock)
+            self.url = self._server.url
+        elif self.local:
             self._server = _InProcessServer(None if self.spec == "builtin" else self.spec, self.quantize)
             self.url = self._server.url
         import openai
@@ -87,13 +92,13 @@ class Target:
 class _InProcessServer:
     """A local model behind keel's own server on a loopback port, for the duration of one target."""
 
-    def __init__(self, model: str | None, quantize: str | None) -> None:
+    def __init__(self, model: str | None, quantize=None, engine=None) -> None:
         import uvicorn
 
         from keel.engine.llm_engine import LLMEngine
         from keel.models.loader import DEFAULT_MODEL_NAME
         from keel.server import create_app
-        engine = LLMEngine(model, quantization=quantize)
+        engine = engine or LLMEngine(model, quantization=quantize)
         name = DEFAULT_MODEL_NAME if model is None else engine.model_name
         app = create_app(engine, served_model_name=name, default_max_tokens=None)
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -107,6 +112,22 @@ class _InProcessServer:
             if time.monotonic() > deadline or not self._thread.is_alive():
                 raise KeelError(f"the local target {model or 'builtin'} did not start serving")
             time.sleep(0.02)
+
+    @classmethod
+    def from_lock(cls, path: str) -> "_InProcessServer":
+        """The model a keel.lock pins, loaded as it says; KeelError naming any file that differs."""
+        from keel.engine.llm_engine import LLMEngine
+        from keel.quant.config import QuantConfig
+        from keel.registry.lock import build, differences, read
+        record = read(path)
+        load = record.get("load") or {}
+        quant = load.get("quantization")
+        engine = LLMEngine(record["model"]["path"], dtype=load.get("dtype"), weight_dtype=load.get("weight_dtype", "auto"),
+                           quantization=QuantConfig(**quant) if quant else "none")
+        diffs = differences({**record, "adapters": {}}, build(engine))  # the base model is asked, not adapters
+        if diffs:
+            raise KeelError(f"the model differs from {path}: " + "; ".join(diffs[:5]))
+        return cls(record["model"]["path"], engine=engine)
 
     def stop(self) -> None:
         self._server.should_exit = True

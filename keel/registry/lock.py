@@ -49,6 +49,14 @@ def settings(engine) -> dict:
     return out
 
 
+def load_args(engine) -> dict:
+    """How to load the model again the same way (what `keel eval` does with a lock file as a target)."""
+    quant = getattr(engine, "quantization", None)
+    return {"dtype": str(engine.dtype).removeprefix("torch."), "weight_dtype": getattr(engine, "weight_dtype", "auto"),
+            "quantization": None if quant is None else {"method": quant.method, "group_size": quant.group_size,
+                                                        "quantize_embeddings": quant.quantize_embeddings}}
+
+
 def adapter_files(path: str) -> list[str]:
     return [os.path.join(path, n) for n in ADAPTER_FILES if os.path.isfile(os.path.join(path, n))]
 
@@ -59,6 +67,7 @@ def build(engine, adapters: dict[str, str] | None = None, rehash: bool = False) 
             "model": {"name": getattr(engine, "model_name", None), "path": engine.model_path,
                       "files": _digests(model_files(engine), rehash)},
             "settings": settings(engine),
+            "load": load_args(engine),
             "adapters": {name: {"path": path, "files": _digests(adapter_files(path), rehash)}
                          for name, path in sorted((adapters or {}).items())}}
 

@@ -57,6 +57,7 @@ def test_quantization_drift_is_measured_and_fails_a_strict_gate(tiny_ckpt, tmp_p
     assert s["exact_match"] < 1.0 and s["similarity"] < 1.0
 
 
+@pytest.mark.slow
 def test_a_server_over_http_is_a_target_like_a_local_model(tiny_ckpt, tmp_path, capsys):
     from keel.server import create_app
     suite = _suite(tmp_path / "suite.jsonl")
@@ -122,3 +123,20 @@ def test_the_built_in_model_against_its_int8_copy(tmp_path, capsys):
     rc, s, err = _run(capsys, suite, "--a", "builtin", "--b", "builtin", "--b-quantize", "int8",
                       "--out", str(tmp_path / "int8"), "--min-exact-match", "0.95")
     assert rc == 1 and s["exact_match"] < 0.95 and 0.5 < s["similarity"] < 1.0
+
+
+@pytest.mark.slow
+def test_a_lock_file_is_a_target_and_a_changed_file_refuses_it(tiny_ckpt, tmp_path, capsys):
+    import shutil
+    model = str(tmp_path / "model")
+    shutil.copytree(tiny_ckpt, model)
+    lock = str(tmp_path / "keel.lock")
+    assert main(["lock", model, "--dtype", "float32", "-o", lock]) == 0
+    suite = _suite(tmp_path / "suite.jsonl")
+    rc, s, err = _run(capsys, suite, "--a", tiny_ckpt, "--b", lock, "--out", str(tmp_path / "l"), "--min-exact-match", "1.0")
+    assert rc == 0 and s["exact_match"] == 1.0, err
+    with open(os.path.join(model, "model.safetensors"), "r+b") as f:
+        f.seek(5000)
+        f.write(b"\x01\x02")
+    rc = main(["eval", suite, "--a", tiny_ckpt, "--b", lock, "--out", str(tmp_path / "l2")])
+    assert rc == 2 and "model file model.safetensors" in capsys.readouterr().err
