@@ -28,6 +28,8 @@ def add_store_parsers(sub):
                        usage="keel pull MODEL[@REVISION] | PATH [--name NAME]")
     p.add_argument("source", help="org/name[@revision] on the Hugging Face hub, or a local folder or .gguf file")
     p.add_argument("--name", default=None, help="the name to store a local import under (default: its folder or file name)")
+    p.add_argument("--lock", default=None, metavar="PATH",
+                   help="also write a keel.lock pinning the pulled model as `keel serve NAME` loads it by default")
     p.set_defaults(func=cmd_pull)
     ls = sub.add_parser("list", help="the models in keel's store")
     ls.set_defaults(func=cmd_list)
@@ -56,6 +58,11 @@ def cmd_pull(args) -> int:
         entry = store.pull(repo, rev or None)
     print(f"keel: stored {entry.ref} ({entry.size / 1e6:.1f} MB, {len(entry.files)} files); serve it with: "
           f"keel serve {entry.name}", file=sys.stderr)
+    if args.lock:
+        from keel.engine.llm_engine import LLMEngine
+        from keel.registry.lock import build, write
+        write(build(LLMEngine(entry.path)), args.lock)
+        print(f"keel: wrote {args.lock}", file=sys.stderr)
     return 0
 
 

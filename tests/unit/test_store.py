@@ -59,6 +59,16 @@ def test_import_list_show_serve_by_name_and_remove(tiny, data, capsys):
     assert main(["rm", "tiny-model"]) == 2
 
 
+def test_pull_can_write_the_lock_of_what_it_stored(tiny, data, tmp_path):
+    import json
+    lock = str(tmp_path / "keel.lock")
+    assert main(["pull", tiny, "--lock", lock]) == 0
+    entry = ModelStore().find("tiny-model")
+    record = json.load(open(lock))
+    assert record["model"]["path"] == entry.path
+    assert all(entry.files[name] == digest for name, digest in record["model"]["files"].items())
+
+
 def test_a_corrupted_file_is_detected(tiny, data, capsys):
     entry = ModelStore().add(tiny, "tiny-model", None, "local")
     path = os.path.join(entry.path, "model.safetensors")
