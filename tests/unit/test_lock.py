@@ -86,6 +86,10 @@ def test_the_lock_names_what_changed(folder_and_adapter, tmp_path):
     assert any(d.startswith("model file model.safetensors: sha256") for d in diffs), diffs
     assert any(d.startswith("adapter a file adapter_model.safetensors") for d in diffs), diffs
     assert differences(locked, build(engine, {}))[-1] == "adapter a: locked, but not served"
+    from keel.registry.lock import adapter_fingerprint
+    before = adapter_fingerprint("fp_base", adapter)  # the untouched original
+    assert adapter_fingerprint("fp_base", ad) != before  # one flipped bit in the adapter's weights
+    assert adapter_fingerprint("fp_base", adapter) == before and adapter_fingerprint("fp_other", adapter) != before
     assert fingerprint(locked) != fingerprint(build(engine))
 
 
