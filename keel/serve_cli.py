@@ -44,6 +44,8 @@ def add_serve_parser(sub, model_args) -> argparse.ArgumentParser:
                    help="most requests waiting for a batch slot; beyond it requests get 429 with Retry-After")
     li = s.add_argument_group("limits per client (past one: a 4xx in OpenAI's error shape)")
     li.add_argument("--max-request-bytes", type=int, default=32 * 2**20, help="largest request body (413 past it)")
+    li.add_argument("--max-upload-bytes", type=int, default=512 * 2**20,
+                    help="largest POST /v1/files upload (a training file; 413 past it)")
     li.add_argument("--body-timeout", type=float, default=60.0, help="seconds to send the request body (408 after)")
     li.add_argument("--header-timeout", type=float, default=10.0,
                     help="seconds a connection may hold an unfinished request head before it is closed")
@@ -142,7 +144,8 @@ def _serve(args, sock) -> int:
     adapters = [_lora_arg(spec) for spec in args.lora or []]  # bad syntax fails before the model loads
     api_key = _api_key(args)
     store = ResponseStore(args.state_db or default_state_path())  # an unusable one fails before the model loads
-    limits = ServerLimits(max_request_bytes=args.max_request_bytes, body_timeout_s=args.body_timeout,
+    limits = ServerLimits(max_request_bytes=args.max_request_bytes, max_upload_bytes=args.max_upload_bytes,
+                          body_timeout_s=args.body_timeout,
                           header_timeout_s=args.header_timeout, max_connections=args.max_connections or None,
                           max_embedding_inputs=args.max_embedding_inputs)
     # The engine steps on its own thread. On a CPU every OpenMP thread pool counts against the cores:

@@ -3,7 +3,7 @@ kept), list (`purpose`, `limit`, `after`, `order`), retrieve, download the conte
 
 Choices: a bad file is refused at upload with a 400 naming the first bad line, so a job never starts
 on data that cannot train; `expires_after` is refused (files are kept until deleted); the largest upload
-is the server's --max-request-bytes.
+is the server's --max-upload-bytes (512 MiB by default, OpenAI's limit per file).
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@ from keel.server.errors import APIError
 class ServerLimits:
     max_request_bytes: int = 32 * 2**20
     """Largest request body accepted, in bytes; a larger one is a 413 before it is read."""
+    max_upload_bytes: int = 512 * 2**20
+    """Largest POST /v1/files body (a training file; OpenAI's own limit per file), in bytes."""
     body_timeout_s: float = 60.0
     """Seconds a client has to send its whole request body once its headers arrived (408 after)."""
     header_timeout_s: float = 10.0
@@ -35,12 +37,16 @@ class ServerLimits:
 
     def __post_init__(self) -> None:
         _check(self.max_request_bytes > 0, "max_request_bytes", self.max_request_bytes, "must be > 0")
+        _check(self.max_upload_bytes > 0, "max_upload_bytes", self.max_upload_bytes, "must be > 0")
         _check(self.body_timeout_s > 0, "body_timeout_s", self.body_timeout_s, "must be > 0")
         _check(self.header_timeout_s > 0, "header_timeout_s", self.header_timeout_s, "must be > 0")
         _check(self.max_connections is None or self.max_connections > 0, "max_connections",
                self.max_connections, "must be > 0")
         _check(self.max_embedding_inputs > 0, "max_embedding_inputs", self.max_embedding_inputs, "must be > 0")
         _check(self.max_json_depth >= 4, "max_json_depth", self.max_json_depth, "must be >= 4")
+
+
+UPLOAD_PATH = "/v1/files"
 
 
 class BodyGuard:
@@ -55,7 +61,7 @@ class BodyGuard:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
-        limit = self.limits.max_request_bytes
+        limit = self.limits.max_upload_bytes if scope["path"] == UPLOAD_PATH else self.limits.max_request_bytes
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > limit:
             return await _too_large(limit)(scope, receive, send)

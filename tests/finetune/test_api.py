@@ -202,3 +202,23 @@ def test_training_data_survives_the_upload_being_deleted(client, ft_server):
         assert f.read() == jsonl(fact_examples(4))
     cfg = json.load(open(os.path.join(folder, "adapter", "adapter_config.json")))
     assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == MODEL
+
+
+def test_uploads_have_their_own_size_limit(ft_ckpt, tmp_path):
+    """A training file may be larger than any other request body (OpenAI allows 512 MB per file)."""
+    from keel.server.limits import ServerLimits
+    folder, _ = ft_ckpt
+    engine = LLMEngine(folder, dtype="float32", cache=CacheConfig(block_size=4, num_blocks=64))
+    ft = FineTuning(ServedModel(MODEL, folder, engine.max_model_len, engine.tokenizer), str(tmp_path / "d"))
+    limits = ServerLimits(max_request_bytes=4000, max_upload_bytes=40000)
+    with LiveServer(create_app(engine, served_model_name=MODEL, fine_tuning=ft, limits=limits)) as s:
+        client = s.client()
+        big = fact_examples(60)  # ~9 KB: over the request limit, under the upload limit
+        assert len(jsonl(big)) > 4000
+        assert upload(client, big).bytes == len(jsonl(big))
+        with pytest.raises(openai.APIStatusError) as e:
+            upload(client, fact_examples(400))  # over the upload limit too
+        assert e.value.status_code == 413
+        with pytest.raises(openai.APIStatusError) as e:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "t5 " * 2000}], max_tokens=1)
+        assert e.value.status_code == 413
