@@ -12,27 +12,16 @@ Failed or unfinished responses (an error, a non-200 status, no choices) are skip
 
 from __future__ import annotations
 
-import json
 
 from keel.errors import KeelError
+from keel.jsonl import read_text, records
 
 SAMPLING = ("temperature", "max_tokens", "max_completion_tokens", "seed")
 
 
 def _lines(path: str) -> list[tuple[int, dict]]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise KeelError(f"cannot read {path}: {e}") from None
     out = []
-    for n, line in enumerate(raw, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise KeelError(f"{path} line {n} is not valid JSON: {e}") from None
+    for n, obj in records(read_text(path), f"{path} "):
         if not isinstance(obj, dict):
             raise KeelError(f"{path} line {n}: expected a JSON object")
         out.append((n, obj))

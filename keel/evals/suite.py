@@ -11,10 +11,10 @@ temperature > 0 may ask for several samples (each with its own seed), compared p
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from keel.errors import KeelError
+from keel.jsonl import read_text, records
 
 KEYS = {"id", "messages", "expected", "schema", "tools", "temperature", "max_tokens", "seed", "samples"}
 
@@ -45,19 +45,8 @@ class Case:
 
 def load_suite(path: str) -> list[Case]:
     """The cases of a suite file; KeelError naming the line of the first bad one."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise KeelError(f"cannot read the suite {path}: {e}") from None
     cases, seen = [], set()
-    for n, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except ValueError as e:
-            raise KeelError(f"{path} line {n} is not valid JSON: {e}") from None
+    for n, obj in records(read_text(path, "the suite "), f"{path} "):
         if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list) or not obj["messages"]:
             raise KeelError(f"{path} line {n}: a case is an object with a non-empty `messages` list")
         unknown = set(obj) - KEYS

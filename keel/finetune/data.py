@@ -10,7 +10,6 @@ included, so the model learns to stop).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from keel.errors import InvalidRequestError
@@ -104,14 +103,9 @@ def parse_jsonl(data: bytes, purpose: str) -> list:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"the file is not UTF-8 text (byte {e.start}): upload JSONL, one JSON object per line") from None
+    from keel.jsonl import records as jsonl_records
     records = []
-    for n, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except ValueError as e:
-            raise DataError(f"line {n} is not valid JSON: {e}") from None
+    for n, obj in jsonl_records(text, error=DataError):
         if purpose == "fine-tune":
             records.append(check_example(obj, n))
         else:

@@ -47,3 +47,9 @@ def _parse_body(raw: bytes, model: type[BaseModel], max_depth: int):
 
 def now() -> int:
     return int(time.time())
+
+
+def page(data: list[dict], has_more: bool) -> dict:
+    """An OpenAI list object with cursor ids (as /v1/files and the checkpoints list return)."""
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": has_more}

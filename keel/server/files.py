@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from keel.server.common import get_state
+from keel.server.common import get_state, page
 from keel.server.errors import APIError, shown
 from keel.store.files import PURPOSES, card
 
@@ -71,9 +71,7 @@ async def list_files(request: Request, purpose: str | None = None, limit: int = 
     if not 1 <= limit <= 10000:
         raise APIError(400, "limit must be between 1 and 10000", param="limit")
     found, more = await run_in_threadpool(ft.files.list, purpose, limit, after, order)
-    data = [card(f) for f in found]
-    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None, "has_more": more}
+    return page([card(f) for f in found], more)
 
 
 async def _get(request: Request, file_id: str) -> tuple[object, dict]:

@@ -20,7 +20,7 @@ from keel.server.body import documented
 from keel.server.errors import APIError, shown
 from keel.server.files import service
 from keel.store.jobs import checkpoint_card, event_card, fine_tuned_name, job_card
-from keel.server.common import get_state, read_body
+from keel.server.common import get_state, page, read_body
 
 router = APIRouter()
 _SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -155,6 +155,4 @@ async def list_checkpoints(job_id: str, request: Request, after: str | None = No
     if not 1 <= limit <= 100:
         raise APIError(400, "limit must be between 1 and 100", param="limit")
     found, more = await run_in_threadpool(ft.jobs.checkpoints, job_id, after, limit)
-    data = [checkpoint_card(c, fine_tuned_name(job)) for c in found]
-    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None, "has_more": more}
+    return page([checkpoint_card(c, fine_tuned_name(job)) for c in found], more)

@@ -128,6 +128,18 @@ def redacted(url: str) -> str:
         return url
 
 
+def paginate(db: "Database", q, table, key, after: str | None, limit: int, descending: bool) -> tuple[list[dict], bool]:
+    """(rows, has_more): at most `limit` rows of query q ordered by column `key`, after the row whose id
+    is `after` (OpenAI's cursor pagination; an unknown cursor starts at the beginning)."""
+    with db.begin() as c:
+        if after:
+            anchor = c.execute(sa.select(key).where(table.c.id == after)).scalar()
+            if anchor is not None:
+                q = q.where(key < anchor if descending else key > anchor)
+        found = [row(r) for r in c.execute(q.order_by(key.desc() if descending else key.asc()).limit(limit + 1))]
+    return found[:limit], len(found) > limit
+
+
 def row(r) -> dict | None:
     return None if r is None else dict(r._mapping)
 

@@ -14,7 +14,7 @@ import time
 
 import sqlalchemy as sa
 
-from keel.store.db import Database, files, row
+from keel.store.db import Database, files, paginate, row
 
 PURPOSES = ("fine-tune", "batch")
 
@@ -58,14 +58,7 @@ class FileStore:
         q = files.select()
         if purpose:
             q = q.where(files.c.purpose == purpose)
-        with self.db.begin() as c:
-            if after:
-                anchor = c.execute(sa.select(files.c.seq).where(files.c.id == after)).scalar()
-                if anchor is not None:
-                    q = q.where(files.c.seq < anchor if order == "desc" else files.c.seq > anchor)
-            q = q.order_by(files.c.seq.desc() if order == "desc" else files.c.seq.asc()).limit(limit + 1)
-            found = [row(r) for r in c.execute(q)]
-        return found[:limit], len(found) > limit
+        return paginate(self.db, q, files, files.c.seq, after, limit, descending=order == "desc")
 
     def read(self, file_id: str) -> bytes:
         with open(self.path(file_id), "rb") as f:

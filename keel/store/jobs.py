@@ -6,7 +6,7 @@ import time
 
 import sqlalchemy as sa
 
-from keel.store.db import Database, checkpoints, dumps, events, jobs, loads, row
+from keel.store.db import Database, checkpoints, dumps, events, jobs, loads, paginate, row
 from keel.store.files import new_id
 
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -35,14 +35,7 @@ class JobStore:
         q = jobs.select()
         if status:
             q = q.where(jobs.c.status.in_(status))
-        with self.db.begin() as c:
-            if after:
-                anchor = c.execute(sa.select(jobs.c.seq).where(jobs.c.id == after)).scalar()
-                if anchor is not None:
-                    q = q.where(jobs.c.seq > anchor if oldest_first else jobs.c.seq < anchor)
-            q = q.order_by(jobs.c.seq.asc() if oldest_first else jobs.c.seq.desc()).limit(limit + 1)
-            found = [row(r) for r in c.execute(q)]
-        return found[:limit], len(found) > limit
+        return paginate(self.db, q, jobs, jobs.c.seq, after, limit, descending=not oldest_first)
 
     def update(self, job_id: str, only_if_status: tuple[str, ...] | None = None, **fields) -> bool:
         """Set fields; with only_if_status, only while the job is in one of those states (so that a
@@ -70,14 +63,8 @@ class JobStore:
 
     def events(self, job_id: str, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
         """Newest first, as OpenAI lists them; `after` an event id."""
-        q = events.select().where(events.c.job_id == job_id)
-        with self.db.begin() as c:
-            if after:
-                anchor = c.execute(sa.select(events.c.seq).where(events.c.id == after)).scalar()
-                if anchor is not None:
-                    q = q.where(events.c.seq < anchor)
-            found = [row(r) for r in c.execute(q.order_by(events.c.seq.desc()).limit(limit + 1))]
-        return found[:limit], len(found) > limit
+        return paginate(self.db, events.select().where(events.c.job_id == job_id), events, events.c.seq, after, limit,
+                        descending=True)
 
     # -- checkpoints -----------------------------------------------------------------------
     def add_checkpoint(self, job_id: str, step: int, metrics: dict, path: str) -> None:
@@ -88,14 +75,8 @@ class JobStore:
                                                   step_number=step, metrics=dumps(metrics), path=path))
 
     def checkpoints(self, job_id: str, after: str | None = None, limit: int = 10) -> tuple[list[dict], bool]:
-        q = checkpoints.select().where(checkpoints.c.job_id == job_id)
-        with self.db.begin() as c:
-            if after:
-                anchor = c.execute(sa.select(checkpoints.c.step_number).where(checkpoints.c.id == after)).scalar()
-                if anchor is not None:
-                    q = q.where(checkpoints.c.step_number < anchor)
-            found = [row(r) for r in c.execute(q.order_by(checkpoints.c.step_number.desc()).limit(limit + 1))]
-        return found[:limit], len(found) > limit
+        return paginate(self.db, checkpoints.select().where(checkpoints.c.job_id == job_id), checkpoints,
+                        checkpoints.c.step_number, after, limit, descending=True)
 
 
 def fine_tuned_name(job: dict) -> str:
