@@ -149,3 +149,25 @@ def test_gradient_checkpointing_turns_on_where_activations_would_not_fit(ft_ckpt
         s = resolve({"n_epochs": 1, "batch_size": 4}, None, len(train), 256)
         assert s.gradient_checkpointing is None
         assert Trainer.build(folder, s, 0, train).s.gradient_checkpointing is on
+
+
+def test_the_merged_and_the_unmerged_lora_paths_agree(ft_ckpt, monkeypatch):
+    """Float32 training merges each update into its projection's weight (MergedLoRALinear); dropout and
+    bfloat16 bases take the plain path (TrainableLoRA.apply). Both give one step the same numbers."""
+    from keel.finetune.lora import TrainableLoRA
+    folder, _ = ft_ckpt
+    train = _examples(folder, 8)
+    s = resolve({"n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 20}, {"r": 4}, len(train), 256)
+    merged = Trainer.build(folder, s, 5, train)
+    m1 = merged.train_step()
+    monkeypatch.setattr(TrainableLoRA, "merges", lambda self, linear: False)
+    plain = Trainer.build(folder, s, 5, train)
+    m2 = plain.train_step()
+    assert abs(m1.train_loss - m2.train_loss) < 1e-5
+    for a, b in zip(merged.params, plain.params):
+        assert torch.allclose(a, b, atol=1e-6)
+    monkeypatch.undo()
+    s3 = resolve({"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 20}, {"r": 4}, len(train), 256)
+    bf16 = Trainer.build(folder, s3, 5, train, dtype=torch.bfloat16)  # the CUDA default, on the plain path
+    losses = [bf16.train_step().train_loss for _ in range(3)]
+    assert abs(losses[0] - m1.train_loss) < 0.05 * m1.train_loss and losses[-1] < losses[0]
