@@ -36,7 +36,8 @@ def _timed(fn):
     return wrapper
 
 
-sampler_module.apply_guides = _timed(sampler_module.apply_guides)
+sampler_module.apply_bitmasks = _timed(sampler_module.apply_bitmasks)
+LLMEngine._fill_grammar_masks = _timed(LLMEngine._fill_grammar_masks)
 LLMEngine._advance_guide = _timed(LLMEngine._advance_guide)
 
 SCHEMA = {"type": "array", "minItems": 64, "items": {

@@ -165,14 +165,19 @@ class Guide:
 _BITS = torch.arange(32, dtype=torch.int32)
 
 
-def apply_guides(logits: torch.Tensor, rows: list[int], guides: list[Guide]) -> None:
-    """Set the logits of tokens each guide forbids to -inf, in place. logits: [N, V]; rows: which
-    rows have a guide."""
+def fill_bitmask(guide: Guide, vocab_size: int) -> torch.Tensor:
+    """The tokens `guide` allows next: [ceil(vocab / 32)] int32 on the CPU, bit t set = token t allowed."""
+    row = torch.empty((vocab_size + 31) // 32, dtype=torch.int32)
+    guide.fill(row)
+    return row
+
+
+def apply_bitmasks(logits: torch.Tensor, rows: list[int], bitmasks: list[torch.Tensor]) -> None:
+    """Set the logits of tokens each bitmask forbids to -inf, in place. logits: [N, V]; rows: which
+    rows have a bitmask (from fill_bitmask)."""
     V = logits.shape[1]
-    words = (V + 31) // 32
-    bitmask = torch.empty(len(rows), words, dtype=torch.int32)  # [n, words], filled on the CPU
-    for k, g in enumerate(guides):
-        g.fill(bitmask[k])
+    bitmask = torch.stack(bitmasks)  # [n, words]
+    words = bitmask.shape[1]
     allowed = ((bitmask.unsqueeze(-1) >> _BITS) & 1).bool().view(len(rows), words * 32)[:, :V]
     idx = torch.tensor(rows, device=logits.device)
     sub = logits[idx].masked_fill_(~allowed.to(logits.device), float("-inf"))

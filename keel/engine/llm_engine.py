@@ -13,7 +13,7 @@ from keel.config import CacheConfig, LoRAConfig, SchedulerConfig
 from keel.engine.block_pool import BlockPool
 from keel.engine.detokenizer import IncrementalDetokenizer
 from keel.engine.device import parse_dtype, pick_device
-from keel.engine.guided import GrammarBackend
+from keel.engine.guided import GrammarBackend, fill_bitmask
 from keel.engine.model_runner import ModelRunner
 from keel.engine.request import Request
 from keel.engine.scheduler import Scheduler
@@ -233,14 +233,15 @@ class LLMEngine:
             torch.set_flush_denormal(True)
         failed = self._fail_adapter_requests() if self.lora is not None else []
         sched = self.scheduler.schedule()
-        if self.lora is not None and not sched.scheduled and self.scheduler.has_unfinished():
+        if self.lora is not None and not sched.num_scheduled_tokens and self.scheduler.has_unfinished():
             self.lora.wait_for_loads(0.05)  # every waiting request waits on an adapter load
         try:
+            self._fill_grammar_masks(sched)
             out = self.runner.execute(sched)
             updated = self.scheduler.update_from_output(sched, out)
         except Exception as e:  # a failure of the whole step: its requests end, the engine goes on
-            log.exception("step failed; ending the %d requests in it", len(sched.scheduled))
-            in_step = [self._child_to_group.get(s.request.request_id) for s in sched.scheduled]
+            log.exception("step failed; ending the %d requests in it", len(sched.num_scheduled_tokens))
+            in_step = [self._child_to_group.get(rid) for rid in sched.num_scheduled_tokens]
             groups = {entry[0].request_id: entry[0] for entry in in_step if entry is not None}
             return failed + [self._fail_group(g, e) for g in groups.values()]
         touched: dict[str, _Group] = {}
@@ -268,6 +269,13 @@ class LLMEngine:
                 log.exception("request %s failed while its output was built", rid)
                 results.append(self._fail_group(group, e))
         return results
+
+    def _fill_grammar_masks(self, sched) -> None:
+        """The allowed-token bitmask of every request that samples this step under a grammar."""
+        for rid in sched.sampling_ids:
+            req = self.scheduler.requests.get(rid)
+            if req is not None and req.guide is not None:
+                sched.grammar_bitmask[rid] = fill_bitmask(req.guide, self.model_config.vocab_size)
 
     def _take_token(self, req: Request, group: _Group, i: int, out) -> None:
         """Record the token `req` sampled this step: grammar, detokenizer, stop strings, logprobs."""

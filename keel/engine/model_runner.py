@@ -1,13 +1,45 @@
-"""Turns a scheduler step into tensors, runs the model and samples."""
+"""Turns a scheduler step into tensors, runs the model and samples.
+
+The runner reads nothing of the scheduler's: it keeps its own state per request, built from the
+plain-data SchedulerOutput (keel.engine.outputs), and answers with a RunnerOutput.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from keel.engine.outputs import RunnerOutput, SchedulerOutput
+from keel.engine.outputs import NewRequestData, RunnerOutput, SchedulerOutput
 from keel.engine.sampler import Sampler
 from keel.layers.attention import AttentionMetadata
 from keel.lora.layers import LoRAMetadata
+
+
+@dataclass
+class RunnerRequest:
+    """The runner's own copy of one request."""
+    request_id: str
+    token_ids: list[int]  # prompt, then every generated token
+    num_prompt_tokens: int
+    params: object  # keel.sampling_params.SamplingParams
+    eos_token_ids: tuple[int, ...]
+    adapter_id: int | None
+    block_ids: list[int]
+    num_computed_tokens: int
+
+    @classmethod
+    def from_new(cls, new: NewRequestData) -> RunnerRequest:
+        return cls(new.request_id, list(new.token_ids), new.num_prompt_tokens, new.params, new.eos_token_ids,
+                   new.adapter_id, list(new.block_ids), new.num_computed_tokens)
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
 
 
 class ModelRunner:
@@ -28,23 +60,37 @@ class ModelRunner:
         if hasattr(model, "build_decode_stack"):
             model.build_decode_stack()  # weights, adapters' stacks and caches are final from here on
         self.sampler = Sampler(device)
+        self.requests: dict[str, RunnerRequest] = {}
 
-    def _lora_order(self, sched: SchedulerOutput):
+    def _update_states(self, sched: SchedulerOutput) -> None:
+        for rid in sched.finished_ids:
+            self.requests.pop(rid, None)
+        self.sampler.drop(sched.finished_ids)  # a preempted request keeps its generator: its draws go on
+        for rid in sched.preempted_ids:
+            self.requests.pop(rid, None)
+        for new in sched.new_requests:
+            self.requests[new.request_id] = RunnerRequest.from_new(new)
+        for c in sched.cached_requests:
+            st = self.requests[c.request_id]
+            st.block_ids.extend(c.new_block_ids)
+            st.num_computed_tokens = c.num_computed_tokens
+
+    def _lora_order(self, batch: list[tuple[RunnerRequest, int]], sched: SchedulerOutput):
         """The batch in adapter-slot order (base-model requests last) and the step's LoRA metadata.
         Tokens of one slot then sit together, which the batched LoRA layout needs; attention and
         sampling do not care about the order of requests in a step."""
         if self.lora is None:
-            return sched.scheduled, None
-        active = list(dict.fromkeys(s.request.adapter_id for s in sched.scheduled if s.request.adapter_id is not None))
+            return batch, None
+        active = list(dict.fromkeys(r.adapter_id for r, _ in batch if r.adapter_id is not None))
         if not active:
-            return sched.scheduled, None
+            return batch, None
         plan = self.lora.prepare_step(active, sched.adapter_ids_in_use)
         S = len(active)
-        order = sorted(sched.scheduled, key=lambda s: plan.positions.get(s.request.adapter_id, S))
+        order = sorted(batch, key=lambda item: plan.positions.get(item[0].adapter_id, S))
         counts = [0] * S
-        for s in order:
-            if s.request.adapter_id is not None:
-                counts[plan.positions[s.request.adapter_id]] += s.num_tokens
+        for r, n in order:
+            if r.adapter_id is not None:
+                counts[plan.positions[r.adapter_id]] += n
         return order, LoRAMetadata.build(counts, plan.groups, self.device, self.lora.costs, self.lora.kernel_max_rows)
 
     @staticmethod
@@ -53,23 +99,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        self.sampler.drop(sched.finished_ids)
-        if not sched.scheduled:
+        self._update_states(sched)
+        if not sched.num_scheduled_tokens:
             return RunnerOutput({})
-        order, lora = self._lora_order(sched)
+        batch = [(self.requests[rid], n) for rid, n in sched.num_scheduled_tokens.items()]
+        order, lora = self._lora_order(batch, sched)
         input_ids, positions, query_lens, context_lens, tables = [], [], [], [], []
         sample_rows, sample_reqs = [], []
         offset = 0
-        for s in order:
-            req, n = s.request, s.num_tokens
+        for req, n in order:
             start = req.num_computed_tokens
-            input_ids += req.tokens(start, start + n)
+            input_ids += req.token_ids[start:start + n]
             positions += range(start, start + n)
             query_lens.append(n)
             context_lens.append(start + n)
             tables.append(req.block_ids)
             offset += n
-            if s.samples:
+            if req.request_id in sched.sampling_ids:
                 sample_rows.append(offset - 1)
                 sample_reqs.append(req)
         meta = AttentionMetadata.build(query_lens, context_lens, tables, self.block_size, self.device)
@@ -80,7 +126,9 @@ class ModelRunner:
             return RunnerOutput({})
         # Only the rows that sample go through the output head: it is the largest matmul of a step.
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-        tokens, lps, errors = self.sampler(logits, sample_reqs)
+        tokens, lps, errors = self.sampler(logits, sample_reqs, sched.grammar_bitmask)
+        for r, t in zip(sample_reqs, tokens):
+            r.token_ids.append(t)
         return RunnerOutput(
             {r.request_id: t for r, t in zip(sample_reqs, tokens)},
             {r.request_id: lp for r, lp in zip(sample_reqs, lps) if lp is not None},

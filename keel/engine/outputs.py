@@ -1,36 +1,60 @@
-"""The contract between the scheduler and the model runner: two small dataclasses."""
+"""The contract between the scheduler and the model runner: plain data, nothing live.
+
+The runner keeps its own state per request (token ids, block table, sampling parameters) and learns
+of changes only through a `SchedulerOutput`: requests it has not seen (or lost on preemption) arrive
+whole, the others as deltas. Both dataclasses pickle, so the runner could sit behind a queue, in
+another thread or another process, without any change (tests/engine/test_runner_contract.py does so).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from keel.engine.request import Request
+from keel.sampling_params import SamplingParams
 
 
-@dataclass
-class ScheduledRequest:
-    request: Request
-    num_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
-    samples: bool = False  # this step reaches the last known token, so a new token is sampled
+@dataclass(frozen=True)
+class NewRequestData:
+    """A request the runner holds no state for: scheduled for the first time, or again after preemption."""
+    request_id: str
+    token_ids: tuple[int, ...]  # prompt, then the tokens generated so far (a resumed request keeps them)
+    num_prompt_tokens: int
+    params: SamplingParams
+    eos_token_ids: tuple[int, ...]
+    adapter_id: int | None
+    block_ids: tuple[int, ...]  # the whole block table
+    num_computed_tokens: int  # tokens whose KV is in the cache already (prefix-cache hits)
 
-    def __post_init__(self) -> None:
-        self.samples = self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+
+@dataclass(frozen=True)
+class CachedRequestData:
+    """A request the runner already holds: only what changed since its last step."""
+    request_id: str
+    new_block_ids: tuple[int, ...]  # appended to the runner's block table
+    num_computed_tokens: int
 
 
 @dataclass
 class SchedulerOutput:
-    scheduled: list[ScheduledRequest]  # batch order: running requests first, then newly admitted ones
-    preempted_ids: list[str] = field(default_factory=list)  # lost their KV this step; recomputed later
-    finished_ids: list[str] = field(default_factory=list)  # ended since the last step; runner drops their state
+    new_requests: list[NewRequestData]
+    cached_requests: list[CachedRequestData]
+    num_scheduled_tokens: dict[str, int]  # request id -> tokens computed this step, in batch order
+    sampling_ids: set[str] = field(default_factory=set)  # requests whose step reaches their last token: they sample
+    preempted_ids: list[str] = field(default_factory=list)  # lost their KV; the runner drops their state
+    finished_ids: list[str] = field(default_factory=list)  # ended since the last step; the runner drops their state
     adapter_ids_in_use: set[int] = field(default_factory=set)  # adapters of all running requests: stay resident
-
-    @property
-    def num_scheduled_tokens(self) -> dict[str, int]:
-        return {s.request.request_id: s.num_tokens for s in self.scheduled}
+    grammar_bitmask: dict[str, Any] = field(default_factory=dict)
+    """Request id -> allowed-token bitmask (int32 tensor, bit t = token t) for a sampling request under
+    a grammar; filled by the engine, which owns the grammar state (keel.engine.guided)."""
 
     @property
     def total_num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.scheduled)
+        return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def scheduled_ids(self) -> list[str]:
+        return list(self.num_scheduled_tokens)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Turn a batch of logits into tokens, each row under its own request's sampling parameters.
 
 Every seeded request draws from its own torch.Generator, one fixed-size draw per token, so its
-tokens do not depend on what else is in the batch.
+tokens do not depend on what else is in the batch. A request is the runner's copy
+(keel.engine.model_runner.RunnerRequest): request_id, params, prompt and output token ids, eos ids.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ import logging
 
 import torch
 
-from keel.engine.guided import apply_guides
+from keel.engine.guided import apply_bitmasks
 from keel.engine.outputs import TokenLogprobs
-from keel.engine.request import Request
 
 log = logging.getLogger("keel.engine")
 # Below this temperature a request samples greedily (as in vLLM): dividing logits by a far smaller one
@@ -31,7 +31,7 @@ class Sampler:
         for rid in request_ids:
             self.generators.pop(rid, None)
 
-    def _generator(self, req: Request) -> torch.Generator:
+    def _generator(self, req) -> torch.Generator:
         g = self.generators.get(req.request_id)
         if g is None:
             g = torch.Generator(device=self.device)
@@ -39,10 +39,11 @@ class Sampler:
             self.generators[req.request_id] = g
         return g
 
-    def __call__(self, logits: torch.Tensor, reqs: list[Request]
+    def __call__(self, logits: torch.Tensor, reqs: list, bitmasks: dict[str, torch.Tensor] | None = None
                  ) -> tuple[list[int], list[TokenLogprobs | None], dict[str, Exception]]:
         """Tokens, logprobs, and the requests whose own settings failed to apply (request id -> error):
-        their rows are sampled unadjusted, and the engine ends them, not the whole batch."""
+        their rows are sampled unadjusted, and the engine ends them, not the whole batch.
+        bitmasks: request id -> the tokens its grammar allows (keel.engine.guided.fill_bitmask)."""
         # logits: [N, V] float32, one row per request that samples this step
         raw = logits
         want_lp = [r.params.logprobs is not None for r in reqs]
@@ -55,9 +56,10 @@ class Sampler:
                 log.exception("request %s: its sampling settings failed", r.request_id)
                 errors[r.request_id] = e
                 logits[i] = raw[i]
-        guided = [i for i, r in enumerate(reqs) if r.guide is not None]
+        bitmasks = bitmasks or {}
+        guided = [i for i, r in enumerate(reqs) if r.request_id in bitmasks]
         if guided:  # after penalties and biases, so nothing can bring back a token the grammar forbids
-            apply_guides(logits, guided, [reqs[i].guide for i in guided])
+            apply_bitmasks(logits, guided, [bitmasks[reqs[i].request_id] for i in guided])
 
         temps = torch.tensor([r.params.temperature for r in reqs], device=logits.device)
         greedy = temps < MIN_TEMPERATURE
@@ -96,7 +98,7 @@ class Sampler:
         return token_list, lps, errors
 
     @staticmethod
-    def _adjust_row(row: torch.Tensor, r: Request) -> None:
+    def _adjust_row(row: torch.Tensor, r) -> None:
         """Penalties, logit bias and min_tokens, in place on one row of logits."""
         p = r.params
         out = r.output_token_ids
@@ -117,7 +119,7 @@ class Sampler:
                 row[torch.tensor(banned, dtype=torch.long, device=row.device)] = float("-inf")
 
     @staticmethod
-    def _filter(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    def _filter(logits: torch.Tensor, reqs: list) -> torch.Tensor:
         """top_k, top_p and min_p on temperature-scaled logits [N, V]; removed tokens get -inf."""
         top_k = [r.params.top_k for r in reqs]
         top_p = [r.params.top_p for r in reqs]

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from keel.config import SchedulerConfig
 from keel.engine.block_pool import BlockPool, hash_block
-from keel.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
+from keel.engine.outputs import CachedRequestData, NewRequestData, RunnerOutput, SchedulerOutput
 from keel.engine.request import Request, RequestStatus
 
 
@@ -85,34 +85,42 @@ class Scheduler:
     # -- one step --------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
-        scheduled: list[ScheduledRequest] = []
-        preempted: list[str] = []
+        out = SchedulerOutput([], [], {})
 
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            known = len(req.block_ids)
             while not self._allocate(req, req.num_computed_tokens + num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
-                preempted.append(victim.request_id)
+                out.preempted_ids.append(victim.request_id)
                 if victim is req:
                     break
             if req.status is not RequestStatus.RUNNING:
                 break
-            scheduled.append(ScheduledRequest(req, num_new))
+            out.cached_requests.append(CachedRequestData(req.request_id, tuple(req.block_ids[known:]),
+                                                         req.num_computed_tokens))
+            self._scheduled(out, req, num_new)
             budget -= num_new
             i += 1
 
-        if not preempted:
-            budget = self._admit_waiting(budget, scheduled)
+        if not out.preempted_ids:
+            budget = self._admit_waiting(budget, out)
 
-        in_use = {r.adapter_id for r in self.running if r.adapter_id is not None}
-        out = SchedulerOutput(scheduled, preempted, self._finished_ids, in_use)
+        out.adapter_ids_in_use = {r.adapter_id for r in self.running if r.adapter_id is not None}
+        out.finished_ids = self._finished_ids
         self._finished_ids = []
         return out
 
-    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
+    @staticmethod
+    def _scheduled(out: SchedulerOutput, req: Request, num_new: int) -> None:
+        out.num_scheduled_tokens[req.request_id] = num_new
+        if req.num_computed_tokens + num_new == req.num_tokens:
+            out.sampling_ids.add(req.request_id)
+
+    def _admit_waiting(self, budget: int, out: SchedulerOutput) -> int:
         in_use = Counter(r.adapter_id for r in self.running if r.adapter_id is not None)
         blocked = False  # a request found every adapter slot taken
         scanned_all = True
@@ -153,7 +161,10 @@ class Scheduler:
             self.waiting.remove(req)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            scheduled.append(ScheduledRequest(req, num_new))
+            out.new_requests.append(NewRequestData(
+                req.request_id, tuple(req.prompt_token_ids) + tuple(req.output_token_ids), req.num_prompt_tokens,
+                req.params, req.eos_token_ids, req.adapter_id, tuple(req.block_ids), req.num_computed_tokens))
+            self._scheduled(out, req, num_new)
             budget -= num_new
             if aid is not None:
                 in_use[aid] += 1
@@ -200,11 +211,11 @@ class Scheduler:
         """Advance progress, append sampled tokens, finish requests that hit a stop. Returns the
         requests that got a new token this step (finished ones included)."""
         updated = []
-        for s in sched.scheduled:
-            req = s.request
-            if req.status is not RequestStatus.RUNNING:
+        for rid, num_tokens in sched.num_scheduled_tokens.items():
+            req = self.requests.get(rid)
+            if req is None or req.status is not RequestStatus.RUNNING:
                 continue
-            req.num_computed_tokens += s.num_tokens
+            req.num_computed_tokens += num_tokens
             self._cache_full_blocks(req)
             tok = out.sampled_token_ids.get(req.request_id)
             if tok is None:

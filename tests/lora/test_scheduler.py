@@ -28,19 +28,23 @@ def make(max_loras=2, loading=(), max_seqs=16):
     return s, slots
 
 
+ADAPTER_OF: dict[str, int | None] = {}
+
+
 def req(rid, adapter, max_tokens=4, n_prompt=3):
+    ADAPTER_OF[rid] = adapter
     return Request(rid, list(range(10, 10 + n_prompt)), SamplingParams(max_tokens=max_tokens), eos_token_ids=(1,),
                    max_tokens=max_tokens, adapter_id=adapter)
 
 
 def step(s):
     out = s.schedule()
-    s.update_from_output(out, RunnerOutput({x.request.request_id: 99 for x in out.scheduled if x.samples}))
+    s.update_from_output(out, RunnerOutput({rid: 99 for rid in out.sampling_ids}))
     return out
 
 
 def adapters_of(out):
-    return {x.request.adapter_id for x in out.scheduled if x.request.adapter_id is not None}
+    return {ADAPTER_OF[rid] for rid in out.scheduled_ids if ADAPTER_OF[rid] is not None}
 
 
 def test_budget_caps_distinct_adapters_and_base_requests_are_free():
@@ -48,7 +52,7 @@ def test_budget_caps_distinct_adapters_and_base_requests_are_free():
     for i, a in enumerate([1, 2, 3, None, 1, 3]):
         s.add_request(req(f"r{i}", a))
     out = step(s)
-    assert [x.request.request_id for x in out.scheduled] == ["r0", "r1", "r3", "r4"]
+    assert out.scheduled_ids == ["r0", "r1", "r3", "r4"]
     assert out.adapter_ids_in_use == {1, 2}
     while s.has_unfinished():
         out = step(s)
@@ -61,10 +65,10 @@ def test_a_loading_adapter_does_not_block_later_requests():
     s.add_request(req("cold", 7))
     s.add_request(req("warm", 1))
     out = step(s)
-    assert [x.request.request_id for x in out.scheduled] == ["warm"] and 7 in slots.asked
+    assert out.scheduled_ids == ["warm"] and 7 in slots.asked
     slots.loading.clear()
     out = step(s)
-    assert "cold" in [x.request.request_id for x in out.scheduled]
+    assert "cold" in out.scheduled_ids
 
 
 def test_no_starvation_under_a_stream_of_popular_requests():
@@ -81,7 +85,7 @@ def test_no_starvation_under_a_stream_of_popular_requests():
         out = step(s)
         drained.add(s.draining)
         assert len(out.adapter_ids_in_use) <= 2
-        if any(x.request.request_id == "rare" for x in out.scheduled):
+        if "rare" in out.scheduled_ids:
             started = k
             break
     # bounded by one drained adapter's longest request (6 tokens), not by the stream of popular requests
@@ -100,4 +104,4 @@ def test_preempted_request_of_draining_adapter_is_readmitted():
     victim = s.running.pop()
     s._preempt(victim)
     out = step(s)
-    assert [x.request.request_id for x in out.scheduled] == ["a"]
+    assert out.scheduled_ids == ["a"]

@@ -100,7 +100,7 @@ def test_a_failed_step_ends_its_requests_and_the_next_are_served(srv, monkeypatc
     state = {"left": 1}
 
     def fails_once(sched):
-        if sched.scheduled and state["left"]:
+        if sched.num_scheduled_tokens and state["left"]:
             state["left"] -= 1
             raise RuntimeError("injected: the model step failed")
         return execute(sched)

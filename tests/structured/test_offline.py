@@ -69,6 +69,21 @@ def test_same_seed_same_structured_output(llm, batch):
     assert out[0].outputs[0].text == batch["schema"][3].text  # alone or in a batch of 25
 
 
+def test_grammar_masks_reach_a_runner_behind_a_queue(llm, batch):
+    """The grammar state stays with the engine; the runner gets each step's bitmasks as plain data."""
+    from tests.engine.test_runner_contract import behind_a_queue
+    runner = llm.engine.runner
+    queued = behind_a_queue(llm)
+    try:
+        outs = llm.chat([PROMPT] * 3, [SamplingParams(temperature=1.0, seed=s, max_tokens=128, json_schema=PERSON)
+                                        for s in range(3)])
+    finally:
+        llm.engine.runner = runner
+        queued.close()
+    assert [o.outputs[0].text for o in outs] == [o.text for o in batch["schema"][:3]]
+    assert any(s.grammar_bitmask for s in queued.steps)
+
+
 @pytest.mark.parametrize("schema, word", BAD_SCHEMAS)
 def test_bad_schema_is_refused_and_names_the_problem(llm, schema, word):
     with pytest.raises(InvalidRequestError, match=word):

@@ -22,7 +22,7 @@ def req(rid, n_prompt, max_tokens=8, first=10, **kw):
 
 def run_step(s, tokens=None):
     out = s.schedule()
-    sampled = {x.request.request_id: (tokens or {}).get(x.request.request_id, 99) for x in out.scheduled if x.samples}
+    sampled = {rid: (tokens or {}).get(rid, 99) for rid in out.sampling_ids}
     s.update_from_output(out, RunnerOutput(sampled))
     return out
 
@@ -50,11 +50,11 @@ def test_token_budget_chunks_long_prompt_and_decode_goes_first():
     s.add_request(req("long", 20))
     out = run_step(s)
     assert out.num_scheduled_tokens == {"a": 1, "long": 7}
-    assert [x.samples for x in out.scheduled] == [True, False]  # a partial prefill samples nothing
+    assert [rid in out.sampling_ids for rid in out.scheduled_ids] == [True, False]  # a partial prefill samples nothing
     out = run_step(s)
     assert out.num_scheduled_tokens == {"a": 1, "long": 7}
     out = run_step(s)
-    assert out.num_scheduled_tokens == {"a": 1, "long": 6} and out.scheduled[1].samples
+    assert out.num_scheduled_tokens == {"a": 1, "long": 6} and "long" in out.sampling_ids
     assert s.requests["long"].output_token_ids == [99]
 
 
