@@ -209,7 +209,7 @@ def main() -> None:
     made_s = time.perf_counter() - t
     cold_names = names[max(DISTINCT):]
     for n in names:
-        eng.register_lora(n, os.path.join(args.adapter_dir, n))
+        eng.adapters.register(n, os.path.join(args.adapter_dir, n))
     keel_tps(llm, None)  # warm-up
 
     rows = []

@@ -24,7 +24,7 @@ def main() -> None:
     llm = LLM(enable_lora=True, max_loras=64, max_cpu_loras=64, max_lora_rank=16, enable_prefix_caching=False)
     names = make_adapters(args.adapter_dir, args.distinct, llm.engine.model_config)
     for n in names:
-        llm.engine.register_lora(n, f"{args.adapter_dir}/{n}")
+        llm.engine.adapters.register(n, f"{args.adapter_dir}/{n}")
     loras = [LoRARequest(names[i]) for i in workload(args.distinct, 0)]
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     llm.generate(prompts(), params, lora_request=loras)  # warm-up: every adapter loaded

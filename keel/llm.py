@@ -82,18 +82,18 @@ class LLM:
         if not isinstance(req, LoRARequest):
             raise InvalidRequestError(f"lora_request must be a keel.lora.LoRARequest, not {type(req).__name__}")
         if req.path is not None:  # a no-op when already registered with this path
-            self.engine.add_lora(req.name, req.path)
+            self.engine.adapters.add(req.name, req.path)
         return req.name
 
     def add_lora(self, name: str, path: str) -> int:
         """Register and validate an adapter folder (keel.errors.LoRAError with the reason if it cannot be served)."""
-        return self.engine.add_lora(name, path)
+        return self.engine.adapters.add(name, path)
 
     def remove_lora(self, name: str) -> None:
-        self.engine.remove_lora(name)
+        self.engine.adapters.remove(name)
 
     def list_loras(self) -> list:
-        return self.engine.list_loras()
+        return self.engine.adapters.list()
 
     def chat(self, messages, sampling_params=None, add_generation_prompt: bool = True,
              chat_template_kwargs: dict | None = None, lora_request=None) -> list[RequestOutput]:

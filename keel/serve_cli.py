@@ -176,13 +176,13 @@ def _serve(args, sock) -> int:
         if adapter in served:
             raise KeelError(f"--lora {adapter}=...: that is the name of a served model; give the adapter another")
     for folder in args.lora_dir or []:
-        names = engine.register_lora_dir(folder)
+        names = engine.adapters.register_dir(folder)
         for clash in served & set(names):
-            engine.remove_lora(clash)
+            engine.adapters.remove(clash)
             print(f"keel: skipped adapter {clash} in {folder}: a served model has that name", file=sys.stderr)
         print(f"keel: registered {len(set(names) - served)} adapters from {folder}", file=sys.stderr, flush=True)
     for adapter, path in adapters:
-        engine.add_lora(adapter, path)  # validated now: a bad adapter stops the start with its reason
+        engine.adapters.add(adapter, path)  # validated now: a bad adapter stops the start with its reason
     if args.lock:
         from keel.registry.cli import verify
         verify(args.lock, engine, dict(adapters), args.accept_lock_changes)
@@ -192,7 +192,7 @@ def _serve(args, sock) -> int:
         from keel.finetune.jobs import FineTuning, ServedModel
         base = ServedModel(name, engine.model_path, engine.max_model_len, engine.tokenizer, engine.device.type,
                          engine.lora.config.max_lora_rank)
-        fine_tuning = FineTuning(base, args.data_dir, args.database_url, register=engine.add_lora,
+        fine_tuning = FineTuning(base, args.data_dir, args.database_url, register=engine.adapters.add,
                                  threads=args.fine_tuning_threads)
     app = create_app(engine, served_model_name=name, api_key=api_key, max_waiting=args.max_waiting,
                      allow_lora_updates=not args.no_lora_updates, embedding_model=embedder,
@@ -207,7 +207,7 @@ def _serve(args, sock) -> int:
     try:
         _run_uvicorn(config, sock)
     finally:  # also after a third Ctrl-C, when uvicorn skips the app's own shutdown
-        app.state.keel.aeng.shutdown()
+        app.state.keel.client.shutdown()
         if app.state.keel.embeddings is not None:
             app.state.keel.embeddings.shutdown()
     return 0
@@ -231,7 +231,7 @@ def _summary(engine, name: str, embedder, sock, args, fine_tuning=None) -> str:
              f"{engine.scheduler_config.max_num_seqs} sequences at once"]
     lines += [f"  {'kernels' if i == 0 else '':<11} {kind}: {impl}" for i, (kind, impl) in enumerate(engine.backend.table().items())]
     if engine.lora is not None:
-        lines.append(f"  adapters    {len(engine.list_loras())} registered, {engine.lora.config.max_loras} resident at once")
+        lines.append(f"  adapters    {len(engine.adapters.list())} registered, {engine.lora.config.max_loras} resident at once")
     if embedder is not None:
         lines.append(f"  embeddings  {embedder.name}")
     if fine_tuning is not None:
@@ -281,7 +281,7 @@ def _run_uvicorn(config, sock) -> None:
         def handle_exit(self, sig, frame) -> None:
             if self.should_exit and sig == signal.SIGINT and not self.expired:
                 self.expired = True
-                config.app.state.keel.aeng.expire_all()
+                config.app.state.keel.client.expire_all()
                 return
             super().handle_exit(sig, frame)
 

@@ -1,8 +1,10 @@
-"""One engine loop serving many concurrent callers.
+"""One engine loop serving many concurrent callers, and the only way the server reaches the engine.
 
 The engine is not thread-safe, so one thread owns it: between steps it takes new requests and aborts
 from a command queue, then runs a step and hands each output to its caller's asyncio queue. Callers
-on the event loop never block it, and concurrent requests land in the same batches.
+on the event loop never block it, and concurrent requests land in the same batches. Everything else a
+caller may need is here too and safe from any thread: the engine's fixed facts (`info`), a snapshot
+of its load published by the engine thread (`stats`), its adapters (`adapters`) and grammar checks.
 
 Nothing one request does stops the loop. The engine ends a request whose own processing fails, and a
 step that fails as a whole ends that step's requests (LLMEngine.step). Should anything still escape a
@@ -37,6 +39,26 @@ class EngineDeadError(KeelError):
     """The engine loop stopped after an internal error."""
 
 
+@dataclass(frozen=True)
+class EngineInfo:
+    """What does not change while the engine runs."""
+    model_name: str
+    max_model_len: int
+    tokenizer: object  # keel.tokenizer.Tokenizer (thread-safe: encode/decode hold no state)
+    backend: object  # keel.kernels.backend.Backend: which code computes each layer, chosen at start
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's load, as of its last step (or the last commands it took)."""
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_steps: int = 0
+    max_running_seen: int = 0
+    num_restarts: int = 0
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -50,6 +72,8 @@ class AsyncEngine:
         keel.serve_cli._serve, which loads the model with one thread so that only this thread starts an
         OpenMP pool)."""
         self.engine = engine
+        self.info = EngineInfo(engine.model_name, engine.max_model_len, engine.tokenizer, engine.backend)
+        self.adapters = engine.adapters  # keel.engine.adapters.Adapters: thread-safe on its own
         self.num_threads = num_threads
         self.max_waiting = max_waiting
         self._commands: queue.Queue = queue.Queue()
@@ -60,21 +84,32 @@ class AsyncEngine:
         self.num_restarts = 0  # failures that escaped a step and ended every request in flight
         self.num_steps = 0
         self.max_running_seen = 0
+        self._stats = EngineStats()
         self._thread = threading.Thread(target=self._loop, name="keel-engine", daemon=True)
         self._thread.start()
 
     # -- called from the event loop --------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s = self._stats
+        return EngineStats(s.num_running, s.num_waiting + self._pending_adds, s.kv_cache_usage, s.num_steps,
+                           s.max_running_seen, self.num_restarts)
+
     @property
     def num_running(self) -> int:
-        return len(self.engine.scheduler.running)
+        return self._stats.num_running
 
     @property
     def num_waiting(self) -> int:
-        return self.engine.scheduler.num_waiting + self._pending_adds
+        return self._stats.num_waiting + self._pending_adds
 
-    @property
-    def kv_cache_usage(self) -> float:
-        return self.engine.pool.usage
+    def check_structured(self, params: SamplingParams) -> None:
+        """Compile the grammar these parameters ask for (cached for the engine thread): a schema that
+        cannot be enforced raises StructuredOutputError here, before the request is queued."""
+        self.engine.structured.guide_for(params)
+
+    def check_grammar(self, grammar: str) -> None:
+        """Compile a grammar text (keel.engine.guided) without a request: StructuredOutputError if it cannot be used."""
+        self.engine.structured.compile_text(grammar)
 
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                        adapter_id: int | None = None, adapter: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -85,7 +120,7 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine stopped: {self.dead}")
         if adapter is not None:
             # Validation reads the adapter's files: on a worker thread, so the engine loop never waits on it.
-            adapter_id = await asyncio.get_running_loop().run_in_executor(None, self.engine.validate_lora, adapter)
+            adapter_id = await asyncio.get_running_loop().run_in_executor(None, self.adapters.validate, adapter)
         with self._lock:
             if self.num_waiting >= self.max_waiting:
                 raise QueueFullError(f"{self.num_waiting} requests are waiting (limit {self.max_waiting})")
@@ -192,11 +227,12 @@ class AsyncEngine:
                         return
             except queue.Empty:
                 pass
+            self._publish()
             if not self.engine.has_unfinished_requests():
                 continue
             outputs = self.engine.step()
             self.num_steps += 1
-            self.max_running_seen = max(self.max_running_seen, self.num_running)
+            self._publish()
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is None:
@@ -206,6 +242,15 @@ class AsyncEngine:
                 if not self._deliver(stream, out):  # the caller's event loop is gone
                     self._streams.pop(out.request_id, None)
                     self.engine.abort_request(out.request_id)
+
+    def _publish(self) -> None:
+        """Swap in a new stats snapshot (one reference assignment: readers on other threads see the old
+        or the new one, never a mix)."""
+        sched = self.engine.scheduler
+        running = len(sched.running)
+        self.max_running_seen = max(self.max_running_seen, running)
+        self._stats = EngineStats(running, sched.num_waiting, self.engine.pool.usage, self.num_steps,
+                                  self.max_running_seen, self.num_restarts)
 
     def _fail_in_flight(self, error: Exception) -> None:
         for out in self.engine.fail_all(error):

@@ -87,12 +87,12 @@ def adapter_cards(state) -> list[dict]:
     show = state.lora_policy.show_paths
     return [{"id": a.name, "object": "model", "created": state.created, "owned_by": "keel",
              "root": a.path if show else a.name, "parent": state.served_model_name,
-             "max_model_len": state.engine.max_model_len}
-            for a in state.engine.list_loras()]
+             "max_model_len": state.client.info.max_model_len}
+            for a in state.client.adapters.list()]
 
 
 def _need_lora(state) -> None:
-    if state.engine.lora is None:
+    if not state.client.adapters.enabled:
         raise APIError(400, "This server serves no LoRA adapters: start it with --enable-lora, --lora or --lora-dir.",
                        code="lora_disabled")
     if not state.allow_lora_updates:
@@ -113,17 +113,17 @@ async def load_lora_adapter(request: Request):
     if name in state.served_names():
         raise APIError(400, f"`{name}` is already the name of a model this server serves; give the adapter "
                             f"another name.", code="invalid_value", param="lora_name")
-    engine = state.engine
+    adapters = state.client.adapters
     loop = asyncio.get_running_loop()
     path = state.lora_policy.resolve(body.lora_path)
 
     def load() -> None:
         if body.load_inplace:
-            old = engine.lora.path_of(name)
+            old = adapters.path_of(name)
             if old is not None and old != path:
-                engine.lora.check_folder(name, path)  # a bad new folder leaves the old adapter in place
-                engine.remove_lora(name)
-        engine.add_lora(name, path)
+                adapters.check_folder(name, path)  # a bad new folder leaves the old adapter in place
+                adapters.remove(name)
+        adapters.add(name, path)
     try:
         await loop.run_in_executor(None, load)
     except LoRAError as e:
@@ -141,7 +141,7 @@ async def unload_lora_adapter(request: Request):
     state = get_state(request)
     _need_lora(state)
     try:
-        state.engine.remove_lora(body.lora_name)
+        state.client.adapters.remove(body.lora_name)
     except LoRANotFoundError:
         raise APIError(404, f"The LoRA adapter `{shown(body.lora_name)}` is not loaded.", code="lora_not_found",
                        param="lora_name") from None

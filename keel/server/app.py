@@ -45,8 +45,8 @@ DEFAULT_MAX_TOKENS = 1024
 
 @dataclass
 class ServerState:
-    engine: LLMEngine
-    aeng: AsyncEngine
+    engine: LLMEngine  # for startup and tests only: routes reach the engine through `client`
+    client: AsyncEngine
     served_model_name: str
     api_key: str | None
     fingerprint: str
@@ -67,7 +67,7 @@ class ServerState:
         return {self.served_model_name, *([self.embeddings.model.name] if self.embeddings else [])}
 
     def is_adapter(self, name: str) -> bool:
-        return self.engine.lora is not None and self.engine.lora.path_of(name) is not None
+        return self.client.adapters.path_of(name) is not None
 
     def check_model(self, name: str) -> str | None:
         """The adapter a request's `model` names (None: the base model); 404 for anything else."""
@@ -84,9 +84,9 @@ class ServerState:
         if adapter is None:
             return self.fingerprint
         fp = self._adapter_fps.get(adapter)
-        path = self.engine.lora.path_of(adapter)
+        path = self.client.adapters.path_of(adapter)
         if fp is None and path is not None:
-            fp = self._adapter_fps[adapter] = adapter_fingerprint(self.fingerprint, path, self.engine.lora.store_dtype)
+            fp = self._adapter_fps[adapter] = adapter_fingerprint(self.fingerprint, path, self.client.adapters.store_dtype)
         return fp or self.fingerprint
 
     def forget_fingerprint(self, adapter: str) -> None:
@@ -96,7 +96,7 @@ class ServerState:
         """The completion budget, or a context_length_exceeded error. Unlike the engine, which would
         quietly shorten max_tokens to fit, the API refuses a request that cannot get what it asked.
         Without max_tokens: default_max_tokens, or what is left of the context if that is less."""
-        limit = self.engine.max_model_len
+        limit = self.client.info.max_model_len
         if requested is None:
             if prompt_len >= limit:
                 raise context_length_exceeded(limit, prompt_len, None, where)
@@ -108,22 +108,22 @@ class ServerState:
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  arrival: float, adapter: str | None = None) -> AsyncIterator[RequestOutput]:
-        source = self.aeng.generate(request_id, prompt_ids, params, adapter=adapter)
+        source = self.client.generate(request_id, prompt_ids, params, adapter=adapter)
         if self.request_timeout_s is not None:
-            source = _time_limited(source, self.aeng, request_id, arrival + self.request_timeout_s)
+            source = _time_limited(source, self.client, request_id, arrival + self.request_timeout_s)
         return self.metrics.track(source, arrival)
 
     def model_card(self) -> dict:
         return {"id": self.served_model_name, "object": "model", "created": self.created, "owned_by": "keel",
-                "root": self.served_model_name, "parent": None, "max_model_len": self.engine.max_model_len}
+                "root": self.served_model_name, "parent": None, "max_model_len": self.client.info.max_model_len}
 
 
-async def _time_limited(source: AsyncIterator[RequestOutput], aeng: AsyncEngine, request_id: str,
+async def _time_limited(source: AsyncIterator[RequestOutput], client: AsyncEngine, request_id: str,
                         deadline: float) -> AsyncIterator[RequestOutput]:
     """`source`, ended at `deadline` (time.monotonic) as if max_tokens had been reached."""
     import asyncio
     handle = asyncio.get_running_loop().call_at(
-        asyncio.get_running_loop().time() + max(0.0, deadline - time.monotonic()), aeng.expire, request_id)
+        asyncio.get_running_loop().time() + max(0.0, deadline - time.monotonic()), client.expire, request_id)
     try:
         async for out in source:
             yield out
@@ -168,8 +168,8 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
     fine_tuning: serves /v1/files and /v1/fine_tuning/jobs; the app starts its job runner and stops it
     (keel.finetune.jobs.FineTuning; None: those routes answer 404)."""
 
-    aeng = AsyncEngine(engine, max_waiting=max_waiting, num_threads=engine_threads)
-    state = ServerState(engine, aeng, served_model_name, api_key or None, system_fingerprint(engine),
+    client = AsyncEngine(engine, max_waiting=max_waiting, num_threads=engine_threads)
+    state = ServerState(engine, client, served_model_name, api_key or None, system_fingerprint(engine),
                         created_time(engine), allow_lora_updates=allow_lora_updates,
                         limits=limits or ServerLimits(), lora_policy=lora_policy or LoRAPolicy(),
                         default_max_tokens=default_max_tokens, request_timeout_s=request_timeout_s,
@@ -186,7 +186,7 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
         yield
         if state.fine_tuning is not None:
             state.fine_tuning.shutdown()
-        aeng.shutdown()
+        client.shutdown()
         if state.embeddings is not None:
             state.embeddings.shutdown()
         state.responses.close()
@@ -229,7 +229,7 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
     @app.get("/health")
     async def health(request: Request):
         s = get_state(request)
-        if s.aeng.dead is not None:
+        if s.client.dead is not None:
             return JSONResponse({"status": "error", "detail": "the engine loop stopped"}, status_code=503)
         return {"status": "ok", "model": s.served_model_name}
 
@@ -247,7 +247,7 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
     @app.get("/metrics")
     async def metrics(request: Request):
         s = get_state(request)
-        return PlainTextResponse(s.metrics.render(s.aeng), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(s.metrics.render(s.client), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
 

@@ -30,14 +30,14 @@ def render_prompt(tokenizer, body: ChatCompletionRequest, max_len: int | None = 
     return tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools, max_len=max_len)
 
 
-def tool_params(engine, body: ChatCompletionRequest, params) -> set[str]:
+def tool_params(client, body: ChatCompletionRequest, params) -> set[str]:
     """Check every tool's parameters schema (a bad one is a 400 whatever tool_choice says) and, when a
     call is forced, constrain params to it. Returns the names of the functions the output may call."""
     if not body.tools:
         return set()
     tools = body.tool_dicts
     try:
-        engine.structured.compile_text(call_grammar(tools, None, False))
+        client.check_grammar(call_grammar(tools, None, False))
     except StructuredOutputError as e:
         raise RequestError(f"Invalid parameters schema in tools: {e}", "tools", "invalid_function_parameters") from None
     mode = body.tool_mode
@@ -90,24 +90,24 @@ async def create_chat_completion(request: Request):
 
 def _prepare(state, body: ChatCompletionRequest):
     """The prompt's token ids, the sampling parameters and the names of the callable tools."""
-    limit = state.engine.max_model_len
+    limit = state.client.info.max_model_len
     try:
-        prompt_ids = render_prompt(state.engine.tokenizer, body, max_len=limit)
+        prompt_ids = render_prompt(state.client.info.tokenizer, body, max_len=limit)
     except PromptTooLongError as e:
         raise context_length_exceeded(limit, e.num_tokens, body.requested_max_tokens, "messages") from None
     max_tokens = state.max_tokens_for(len(prompt_ids), body.requested_max_tokens, "messages")
     params = body.sampling_params(max_tokens, body.num_logprobs)
-    names = tool_params(state.engine, body, params)
-    check_structured(state.engine, params, "response_format")
+    names = tool_params(state.client, body, params)
+    check_structured(state.client, params, "response_format")
     return prompt_ids, params, names
 
 
-def check_structured(engine, params, param: str) -> None:
+def check_structured(client, params, param: str) -> None:
     """Compile the request's schema here (cached for the engine thread) so a bad one is a 400 naming
     `param`, before the request is queued."""
     if params.structured:
         try:
-            engine.structured.guide_for(params)
+            client.check_structured(params)
         except StructuredOutputError as e:
             raise RequestError(f"Invalid schema in {param}: {e}", param, "invalid_json_schema") from None
 

@@ -70,7 +70,7 @@ async def create_completion(request: Request):
     body = await read_body(request, CompletionRequest)
     state = get_state(request)
     adapter = state.check_model(body.model)
-    tok = state.engine.tokenizer
+    tok = state.client.info.tokenizer
     prompts = body.prompts
     ids, params = await run_in_threadpool(_prepare, state, body, prompts)
     request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -100,7 +100,7 @@ async def create_completion(request: Request):
 def _prepare(state, body: CompletionRequest, prompts: list) -> tuple[list[list[int]], list]:
     """Token ids and sampling parameters per prompt. Tokenized here (as the engine would) so that the
     context check and usage see the same ids; on a worker thread, as a long prompt takes seconds."""
-    tok, limit = state.engine.tokenizer, state.engine.max_model_len
+    tok, limit = state.client.info.tokenizer, state.client.info.max_model_len
     try:
         ids = [tok.encode(p, max_len=limit) if isinstance(p, str) else list(p) for p in prompts]
     except PromptTooLongError as e:

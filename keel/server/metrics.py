@@ -28,26 +28,27 @@ class _EngineState:
     """The engine's gauges and kernel table, read when /metrics is scraped."""
 
     def __init__(self) -> None:
-        self.aeng = None
+        self.client = None  # keel.engine.async_engine.AsyncEngine
 
     def collect(self):
-        aeng = self.aeng
-        if aeng is None:
+        client = self.client
+        if client is None:
             return
+        stats = client.stats()
         for name, help, value in (
                 ("keel_requests_running", "Sequences in the running batch (a request with n > 1 counts n).",
-                 aeng.num_running),
-                ("keel_requests_waiting", "Requests waiting to be scheduled.", aeng.num_waiting),
+                 stats.num_running),
+                ("keel_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting),
                 ("keel_requests_running_max", "Most sequences that ran in one engine step since start.",
-                 aeng.max_running_seen),
+                 stats.max_running_seen),
                 ("keel_kv_cache_usage_ratio", "Fraction of KV-cache blocks held by requests (0 to 1).",
-                 float(aeng.kv_cache_usage))):
+                 float(stats.kv_cache_usage))):
             yield GaugeMetricFamily(name, help, value=value)
         yield CounterMetricFamily(
             "keel_engine_loop_restarts",
             "Failures that escaped an engine step; each ended the requests in flight, and the loop went on.",
-            value=aeng.num_restarts)
-        backend = getattr(aeng.engine, "backend", None)
+            value=stats.num_restarts)
+        backend = client.info.backend
         if backend is not None:
             info = GaugeMetricFamily("keel_kernel_info", "1 for each layer kind and the implementation that "
                                      "computes it (chosen once at start).", labels=["layer", "impl", "isa", "batch_invariant"])
@@ -104,8 +105,8 @@ class Metrics:
                 self.finished.labels(reason or "abort").inc()
             await source.aclose()
 
-    def render(self, aeng) -> str:
-        self._engine.aeng = aeng
+    def render(self, client) -> str:
+        self._engine.client = client
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             from prometheus_client import multiprocess
             reg = CollectorRegistry()

@@ -26,7 +26,7 @@ def ft_server(ft_ckpt, tmp_path_factory):
     engine = LLMEngine(folder, dtype="float32", cache=CacheConfig(block_size=4, num_blocks=512),
                        lora=LoRAConfig(max_loras=4, max_lora_rank=16))
     base = ServedModel(MODEL, folder, engine.max_model_len, engine.tokenizer, max_rank=16)
-    ft = FineTuning(base, str(tmp_path_factory.mktemp("data")), register=engine.add_lora, threads=1, poll_s=0.05)
+    ft = FineTuning(base, str(tmp_path_factory.mktemp("data")), register=engine.adapters.add, threads=1, poll_s=0.05)
     with LiveServer(create_app(engine, served_model_name=MODEL, fine_tuning=ft)) as s:
         yield s
 

@@ -130,7 +130,7 @@ def test_the_built_in_model_learns_made_up_facts(tmp_path):
     from tests.server.conftest import LiveServer
     engine = LLMEngine(None, lora=LoRAConfig(max_loras=2, max_lora_rank=16))
     base = ServedModel(DEFAULT_MODEL_NAME, engine.model_path, engine.max_model_len, engine.tokenizer, max_rank=16)
-    ft = FineTuning(base, str(tmp_path / "data"), register=engine.add_lora, poll_s=0.1)
+    ft = FineTuning(base, str(tmp_path / "data"), register=engine.adapters.add, poll_s=0.1)
     with LiveServer(create_app(engine, served_model_name=DEFAULT_MODEL_NAME, fine_tuning=ft)) as server:
         client = server.client()
         f = client.files.create(file=("facts.jsonl", io.BytesIO(jsonl(TRAIN))), purpose="fine-tune")

@@ -62,11 +62,11 @@ def test_unload_while_running_then_reload_elsewhere(env, tmp_path):
     eng = llm.engine
     tmp = str(tmp_path / "copy")
     shutil.copytree(adapters["mlp-r8-layer1"][0], tmp)
-    old_id = eng.add_lora("temp", tmp)
+    old_id = eng.adapters.add("temp", tmp)
     eng.add_request("u1", PROMPT, GREEDY, adapter="temp")
     eng.step()
-    eng.remove_lora("temp")  # the running request finishes with it
-    assert "temp" not in {i.name for i in eng.list_loras()}
+    eng.adapters.remove("temp")  # the running request finishes with it
+    assert "temp" not in {i.name for i in eng.adapters.list()}
     with pytest.raises(LoRANotFoundError):
         eng.add_request("u2", PROMPT, GREEDY, adapter="temp")
     done = {}
@@ -75,11 +75,11 @@ def test_unload_while_running_then_reload_elsewhere(env, tmp_path):
             done[out.request_id] = out
     assert done["u1"].outputs[0].token_ids == expected["mlp-r8-layer1"]
     # the same name, other weights: a new id, so no prefix-cache hit on the old adapter's blocks
-    new_id = eng.add_lora("temp", adapters["qv-r4"][0])
+    new_id = eng.adapters.add("temp", adapters["qv-r4"][0])
     assert new_id != old_id
     out = run(llm, "temp")
     assert out.num_cached_tokens == 0 and out.outputs[0].token_ids == expected["qv-r4"]
-    eng.remove_lora("temp")
+    eng.adapters.remove("temp")
     run(llm, "qv-r4")  # the removed adapter's slot is reused
     assert old_id not in eng.lora.slot_of and new_id not in eng.lora.slot_of
 
@@ -90,12 +90,12 @@ def test_list_and_register_dir(env, tmp_path):
     for name in ("x1", "x2"):
         shutil.copytree(adapters["qv-r4"][0], tmp_path / name)
     (tmp_path / "empty").mkdir()
-    assert eng.register_lora_dir(str(tmp_path)) == ["x1", "x2"]
-    info = {i.name: i for i in eng.list_loras()}
+    assert eng.adapters.register_dir(str(tmp_path)) == ["x1", "x2"]
+    info = {i.name: i for i in eng.adapters.list()}
     assert not info["x1"].validated and not info["x1"].in_host and info["qv-r4"].validated
     assert len({i.adapter_id for i in info.values()}) == len(info)
     assert run(llm, "x2").outputs[0].token_ids == run(llm, "qv-r4").outputs[0].token_ids
-    assert {i.name: i for i in eng.list_loras()}["x2"].validated
+    assert {i.name: i for i in eng.adapters.list()}["x2"].validated
 
 
 def test_async_engine_mixes_adapters_in_concurrent_requests(env):

@@ -156,7 +156,7 @@ def test_models_shows_paths_only_when_asked(lora_case, tmp_path):
     ckpt, _, adapters = lora_case("llama-gqa")
     for show in (False, True):
         engine = LLMEngine(ckpt, dtype="float32", cache=CacheConfig(block_size=4, num_blocks=64), lora=LoRAConfig())
-        engine.add_lora("a", adapters["qv-r4"][0])
+        engine.adapters.add("a", adapters["qv-r4"][0])
         app = create_app(engine, served_model_name=BASE, lora_policy=LoRAPolicy(show_paths=show))
         with LiveServer(app) as s, s.http() as h:
             card = h.get("/v1/models/a").json()

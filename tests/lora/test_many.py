@@ -51,7 +51,7 @@ def test_thousand_registered_two_hundred_used_eight_resident(many):
     llm = LLM(ckpt, dtype="float32", num_blocks=512, block_size=4, max_num_seqs=32, enable_lora=True,
               max_loras=MAX_LORAS, max_cpu_loras=MAX_CPU)
     eng = llm.engine
-    names = eng.register_lora_dir(root)
+    names = eng.adapters.register_dir(root)
     assert len(names) == NUM_ADAPTERS and eng.lora.num_in_host == 0  # registered, nothing read
     mgr = eng.lora
     seen = {"steps": 0, "max_resident": 0, "max_host": 0, "max_active": 0}

@@ -33,11 +33,11 @@ def env(lora_case, tmp_path_factory):
     # 2 resident slots for 4 adapters: concurrent requests wait for, load and evict slots
     engine = LLMEngine(ckpt, dtype="float32", cache=CacheConfig(block_size=4, num_blocks=512),
                        lora=LoRAConfig(max_loras=2, max_cpu_loras=2, max_lora_rank=16))
-    engine.add_lora("qv-r4", adapters["qv-r4"][0])  # as `keel serve --lora` does
+    engine.adapters.add("qv-r4", adapters["qv-r4"][0])  # as `keel serve --lora` does
     lora_dir = root / "dir"
     for name in ("all-r8-rslora", "mlp-r8-layer1"):
         shutil.copytree(adapters[name][0], lora_dir / name)
-    engine.register_lora_dir(str(lora_dir))  # as --lora-dir does: registered, not read
+    engine.adapters.register_dir(str(lora_dir))  # as --lora-dir does: registered, not read
     # loads over the API may read anything under pytest's temporary folders (the adapters are there)
     policy = LoRAPolicy(roots=[str(tmp_path_factory.getbasetemp())])
     with LiveServer(create_app(engine, served_model_name=BASE, lora_policy=policy)) as server:
@@ -168,11 +168,11 @@ def test_bad_adapter_is_a_400_then_the_server_serves(env, kind):
     assert message in err["message"] and err["code"] == "invalid_lora_adapter"
     assert f"bad-{kind}" not in {m.id for m in server.client().models.list().data}
     # registered without reading (as --lora-dir does), the first request naming it gets the reason
-    server.state.engine.register_lora(f"lazy-{kind}", path)
+    server.state.engine.adapters.register(f"lazy-{kind}", path)
     with pytest.raises(openai.BadRequestError) as e:
         complete(server.client(), f"lazy-{kind}", PROMPTS[0])
     assert message in e.value.body["message"] and e.value.body["param"] == "model"
-    server.state.engine.remove_lora(f"lazy-{kind}")
+    server.state.engine.adapters.remove(f"lazy-{kind}")
     out = complete(server.client(), "all-r8-rslora", PROMPTS[1])
     assert out.choices[0].text.split() == expected_text(server, adapters["all-r8-rslora"][1], PROMPTS[1])
 
@@ -181,8 +181,8 @@ def test_weights_that_break_after_validation_are_a_400(env):
     server, _, _, adapters, root, _ = env
     p = str(root / "breaks-later")
     shutil.copytree(adapters["qv-r4"][0], p)
-    server.state.engine.register_lora("breaks-later", p)
-    server.state.engine.validate_lora("breaks-later")
+    server.state.engine.adapters.register("breaks-later", p)
+    server.state.engine.adapters.validate("breaks-later")
     f = os.path.join(p, "adapter_model.safetensors")
     save_file({k: v[:1] for k, v in load_file(f).items()}, f)  # same names, wrong shapes: the load fails
     with pytest.raises(openai.BadRequestError) as e:

@@ -148,7 +148,7 @@ def test_bad_adapter_is_refused_at_load_then_engine_serves(env, kind):
     assert f"bad-{kind}" not in {i.name for i in llm.list_loras()}  # a failed load registers nothing
     check_still_serving()
     # registered without loading, the same error comes with the first request that names it
-    llm.engine.register_lora(f"lazy-{kind}", path)
+    llm.engine.adapters.register(f"lazy-{kind}", path)
     with pytest.raises(LoRAError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         llm.generate([PROMPT], GREEDY, lora_request=LoRARequest(f"lazy-{kind}"))
     llm.remove_lora(f"lazy-{kind}")
@@ -173,8 +173,8 @@ def test_unknown_adapter_and_lora_off(env, lora_case):
 def test_weights_that_break_after_validation_abort_only_their_requests(env):
     llm, _, _, copy_good, check_still_serving, _ = env
     p = copy_good("breaks-later")
-    llm.engine.register_lora("breaks-later", p)
-    llm.engine.validate_lora("breaks-later")  # header fine now
+    llm.engine.adapters.register("breaks-later", p)
+    llm.engine.adapters.validate("breaks-later")  # header fine now
     f = os.path.join(p, "adapter_model.safetensors")
     t = load_file(f)
     save_file({k: v[:1] for k, v in t.items()}, f)  # same names, wrong shapes: the load fails later

@@ -60,7 +60,7 @@ def check_whole(server: LiveServer, http: httpx.Client | None = None) -> None:
         r = http.post("/v1/chat/completions", json=chat_body())
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
         assert http.get("/v1/models").status_code == 200
-        assert server.state.aeng.dead is None
+        assert server.state.client.dead is None
     finally:
         if own:
             http.close()

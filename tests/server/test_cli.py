@@ -31,7 +31,7 @@ def serve(monkeypatch, *argv) -> dict:
         argv = (*argv, "--state-db", ":memory:")  # not the user's own state file
     assert main(["serve", *argv]) == 0
     ran["state"] = ran["app"].state.keel
-    ran["state"].aeng.shutdown()
+    ran["state"].client.shutdown()
     return ran
 
 
@@ -46,7 +46,7 @@ def test_serve_arguments(tiny_ckpt, monkeypatch, capsys):
         assert part in summary, summary
     assert state.served_model_name == MODEL  # the folder's name
     assert state.api_key == "from-env"
-    assert state.aeng.max_waiting == 5 and state.engine.scheduler_config.max_num_seqs == 3
+    assert state.client.max_waiting == 5 and state.engine.scheduler_config.max_num_seqs == 3
     assert state.engine.max_model_len == 128 and state.engine.cache_config.kv_cache_memory_gb == 0.001
 
     monkeypatch.delenv("KEEL_API_KEY")

@@ -50,7 +50,7 @@ def check_healthy(srv) -> None:
     with srv.http() as h:
         assert h.get("/health").status_code == 200
         assert h.post("/v1/chat/completions", json=chat_body()).status_code == 200
-    assert srv.state.aeng.dead is None
+    assert srv.state.client.dead is None
     srv.wait_idle()
 
 
@@ -107,7 +107,7 @@ def test_a_failed_step_ends_its_requests_and_the_next_are_served(srv, monkeypatc
     monkeypatch.setattr(runner, "execute", fails_once)
     with srv.http() as h:
         check_500(h.post("/v1/chat/completions", json=chat_body()))
-    assert srv.state.aeng.num_restarts == 0  # handled inside the step, not by restarting the loop
+    assert srv.state.client.num_restarts == 0  # handled inside the step, not by restarting the loop
     check_healthy(srv)
 
 
@@ -122,10 +122,10 @@ def test_a_failure_that_escapes_a_step_restarts_the_loop(srv, monkeypatch):
             raise RuntimeError("injected: the engine failed outside any request")
         return step()
     monkeypatch.setattr(engine, "step", fails_once)
-    before = srv.state.aeng.num_restarts
+    before = srv.state.client.num_restarts
     with srv.http() as h:
         check_500(h.post("/v1/chat/completions", json=chat_body()))
-        assert srv.state.aeng.num_restarts == before + 1
+        assert srv.state.client.num_restarts == before + 1
         assert srv.metrics()["keel_engine_loop_restarts_total"] == before + 1
     check_healthy(srv)
 

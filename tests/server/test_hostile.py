@@ -35,7 +35,7 @@ def http(srv):
 def test_top_k_past_the_vocabulary_is_a_400(srv, http, top_k):
     r = http.post("/v1/chat/completions", json=chat_body(top_k=top_k, temperature=0.8))
     check_4xx(r, 400, "top_k")
-    assert srv.state.aeng.dead is None
+    assert srv.state.client.dead is None
 
 
 def test_top_k_of_the_whole_vocabulary_is_served(http):

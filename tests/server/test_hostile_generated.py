@@ -107,6 +107,6 @@ def test_generated_requests_never_give_a_5xx(srv, route):
     assert seen["count"] >= 60 and seen["4xx"] > 0, seen
     if "lora" not in route:  # the mutations leave some bodies valid: those must be served
         assert seen["ok"] > 0, seen
-    assert srv.state.aeng.dead is None
+    assert srv.state.client.dead is None
     check_whole(srv)
     srv.wait_idle()

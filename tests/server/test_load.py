@@ -21,7 +21,7 @@ def test_sixteen_concurrent_streams_are_batched(server, client):
     # each prompt alone first: greedy tokens must not depend on what else is in the batch
     expected = [client.completions.create(prompt=p, **kw).choices[0].text for p in prompts]
     server.wait_idle()
-    server.state.aeng.max_running_seen = 0
+    server.state.client.max_running_seen = 0
 
     async def one(aclient, prompt: str) -> tuple[str, str | None]:
         text, reason = "", None
