@@ -8,35 +8,14 @@ import logging
 import sys
 
 from keel.errors import KeelError
-from keel.quant.cli import add_quantization_args, quantization_from_args
+from keel.options import add_engine_options, engine_config_from_args
 from keel.serve_cli import add_serve_parser
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=None,
-                   help="model folder, GGUF file or hub id (default: the built-in SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default=None, help="auto (default: float32 on CPUs, bfloat16 on GPUs that have it), "
-                   "float32, bfloat16, float16")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt plus output, in tokens")
-    add_quantization_args(p)
-    p.add_argument("--kv-cache-memory", "--kv-cache-memory-gb", dest="kv_cache_memory_gb", type=float, default=None,
-                   metavar="GB", help="memory for the KV cache, in GiB (default: a quarter of the available RAM on "
-                   "a CPU, --gpu-memory-utilization on a GPU; capped by what max-num-seqs full contexts need)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="on a GPU without --kv-cache-memory: the share of its memory keel may use, weights included")
-    p.add_argument("--kernels", choices=["auto", "keel", "torch"], default="auto",
-                   help="which code computes the layers: keel's CPU kernels where they build and pass their "
-                        "probe, else PyTorch's (auto); keel's or an error; PyTorch's only")
-    p.add_argument("--cpu-isa", choices=["auto", "avx2", "avx512"], default="auto",
-                   help="which build of keel's CPU kernels (auto: the best this CPU runs)")
-    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
-                   help="a request's tokens and log-probabilities do not depend on what else is in its batch; "
-                        "--no-batch-invariant: faster long prefills, results that can vary with load")
-    p.add_argument("--weight-dtype", choices=["auto", "bfloat16", "model"], default="auto",
-                   help="float32 models on CPU: 'auto' keeps the weights a checkpoint stores in bfloat16 in "
-                        "bfloat16 (exact, half the memory); 'bfloat16' rounds every dense weight to bfloat16; "
-                        "'model' keeps every weight in the model's dtype")
+    """The options of every command that loads a model: every field of keel.config's load, compute,
+    cache and scheduler dataclasses (generated: see keel.options)."""
+    add_engine_options(p, ("load", "compute", "cache", "scheduler"))
 
 
 class _Help(argparse.HelpFormatter):
@@ -67,10 +46,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 def _llm(args):
     from keel import LLM
-    return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-               quantization=quantization_from_args(args), weight_dtype=args.weight_dtype,
-               kv_cache_memory_gb=args.kv_cache_memory_gb, kernels=args.kernels, cpu_isa=args.cpu_isa,
-               batch_invariant=args.batch_invariant, gpu_memory_utilization=args.gpu_memory_utilization)
+    return LLM(config=engine_config_from_args(args))
 
 
 def _params(args):
@@ -146,7 +122,7 @@ def cmd_chat(args) -> int:
         history.append({"role": "assistant", "content": reply})
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     import keel
     parser = argparse.ArgumentParser(prog="keel", description="Run open LLMs on your own machines.",
                                      formatter_class=_Help)
@@ -178,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     for p in (g, c, s, f, e, ei, lk, *store_parsers):
         p.formatter_class = _Help
         _log_args(p, argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["eval", "import"]:  # a subcommand of eval, whose own first argument is the suite
         argv = ["eval-import", *argv[2:]]

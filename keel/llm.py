@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from keel.config import CacheConfig, LoRAConfig, SchedulerConfig
+from keel.config import EngineConfig
 from keel.engine.llm_engine import LLMEngine
 from keel.errors import InvalidRequestError
 from keel.lora.request import LoRARequest
@@ -17,35 +17,28 @@ from keel.sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str | None = None, dtype=None, *, device: str | None = None,
-                 max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 block_size: int = 16, num_blocks: int | None = None, kv_cache_memory_gb: float | None = None,
-                 enable_prefix_caching: bool = True, quantization=None, enable_lora: bool = False,
-                 max_loras: int = 8, max_lora_rank: int = 16, max_cpu_loras: int | None = None,
-                 lora_dtype: str = "auto", weight_dtype: str = "auto", kernels: str | None = None,
-                 cpu_isa: str | None = None, batch_invariant: bool = True,
-                 gpu_memory_utilization: float = 0.9) -> None:
-        """quantization: "int8" or "int4" quantizes the weights as they load (or a keel.quant.QuantConfig
+    def __init__(self, model: str | None = None, dtype=None, *, config: EngineConfig | None = None,
+                 **options) -> None:
+        """model: a model folder, GGUF file or hub id (None: the built-in model). options: any field of
+        keel.config's dataclasses by name (the same options as `keel serve`), for instance:
+
+        quantization: "int8" or "int4" quantizes the weights as they load (or a keel.quant.QuantConfig
         for the int4 group size, or to quantize the embedding and output head too); "gguf" keeps a GGUF
         file's blocks (its default on CPU), "none" dequantizes them.
         weight_dtype: how a float32 model on CPU holds its dense weights: "auto" keeps those the
         checkpoint stores in bfloat16 in bfloat16 (exact, half the memory and bytes per token; keel's
         kernels compute in float32), "bfloat16" rounds every one to it, "model" keeps the model dtype.
         enable_lora: serve LoRA adapters (generate's lora_request), at most max_loras in one step, of rank
-        up to max_lora_rank, max_cpu_loras of them kept loaded in memory, stored as lora_dtype (see
-        keel.config.LoRAConfig).
-        kv_cache_memory_gb: the KV cache's memory (None: a quarter of the available RAM on a CPU,
-        gpu_memory_utilization of a GPU's, capped by what max_num_seqs full contexts need).
+        up to max_lora_rank, max_cpu_loras of them kept loaded in memory, stored as lora_dtype.
+        kv_cache_memory_gb, num_blocks, block_size, enable_prefix_caching: the KV cache.
+        max_num_seqs, max_num_batched_tokens, max_model_len: the scheduler.
         kernels ("auto", "keel", "torch"), cpu_isa ("auto", "avx2", "avx512"): force which code computes
         the layers (keel.kernels.backend); batch_invariant=False trades a request's independence from its
-        batch for faster long prefills."""
-        self.engine = LLMEngine(
-            model, dtype=dtype, device=device, max_model_len=max_model_len, quantization=quantization,
-            weight_dtype=weight_dtype, kernels=kernels, cpu_isa=cpu_isa, batch_invariant=batch_invariant,
-            cache=CacheConfig(block_size, num_blocks, kv_cache_memory_gb, enable_prefix_caching,
-                              gpu_memory_utilization),
-            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
-            lora=LoRAConfig(max_loras, max_lora_rank, max_cpu_loras, lora_dtype=lora_dtype) if enable_lora else None)
+        batch for faster long prefills.
+        An unknown option is a TypeError naming it."""
+        if dtype is not None:
+            options["dtype"] = dtype
+        self.engine = LLMEngine(model, config=config, **options)
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,

@@ -8,7 +8,8 @@ import os
 import sys
 
 from keel.errors import KeelError
-from keel.quant.cli import quantization_from_args
+from keel.config import LoRAConfig
+from keel.options import add_options, engine_config_from_args
 
 
 def add_serve_parser(sub, model_args) -> argparse.ArgumentParser:
@@ -27,7 +28,6 @@ def add_serve_parser(sub, model_args) -> argparse.ArgumentParser:
     s.add_argument("--enable-docs", action="store_true",
                    help="serve /docs (keel's own page, works offline) and /openapi.json, open without the API "
                         "key; off by default")
-    s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences running in one batch")
     s.add_argument("--state-db", default=None, metavar="PATH",
                    help="SQLite file for stored Responses API responses (default: $KEEL_STATE_DB, else "
                         "~/.local/share/keel/state.sqlite3; ':memory:' keeps nothing across restarts)")
@@ -56,19 +56,14 @@ def add_serve_parser(sub, model_args) -> argparse.ArgumentParser:
     em.add_argument("--embedding-model", default=None, metavar="PATH",
                     help="a BERT-family embedding model folder (default: the built-in all-MiniLM-L6-v2 when installed)")
     em.add_argument("--no-embedding-model", action="store_true", help="serve no embedding model")
-    lo = s.add_argument_group("LoRA adapters (the request's `model` field names one)")
-    lo.add_argument("--enable-lora", action="store_true", help="serve adapters (implied by --lora, --lora-dir and fine-tuning)")
+    lo = s.add_argument_group("LoRA adapters (the request's `model` field names one; --enable-lora is implied by "
+                              "--lora, --lora-dir and fine-tuning)")
+    add_options(lo, LoRAConfig)
     lo.add_argument("--lora", action="append", metavar="NAME=PATH",
                     help="an adapter folder (PEFT format) served as NAME, validated at start; repeatable")
     lo.add_argument("--lora-dir", action="append", metavar="DIR",
                     help="every subfolder of DIR is an adapter named after it, registered without loading "
                          "(validated at first use); repeatable")
-    lo.add_argument("--max-loras", type=int, default=8, help="adapters resident next to the weights (one batch mixes up to this many)")
-    lo.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept loaded in host memory (default: --max-loras)")
-    lo.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank accepted")
-    lo.add_argument("--lora-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                    help="how adapter weights are stored (auto: the model's dtype, so a float32-saved adapter "
-                         "keeps every bit under a float32 model; bfloat16: half the bytes, rounding float32 ones)")
     lo.add_argument("--no-lora-updates", action="store_true",
                     help="turn off POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
     lo.add_argument("--allowed-lora-path", action="append", metavar="DIR",
@@ -129,7 +124,6 @@ def _serve(args, sock) -> int:
     import torch
     import uvicorn
 
-    from keel.config import CacheConfig, LoRAConfig, SchedulerConfig
     from keel.engine.llm_engine import LLMEngine
     from keel.models.loader import DEFAULT_MODEL_NAME
     from keel.server import create_app
@@ -137,10 +131,8 @@ def _serve(args, sock) -> int:
     from keel.server.limits import ServerLimits, uvicorn_settings
     from keel.store import ResponseStore, default_state_path
 
-    lora = None
-    if args.enable_lora or args.lora or args.lora_dir or not args.no_fine_tuning:
-        lora = LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
-                          lora_dtype=args.lora_dtype)
+    implied = bool(args.lora or args.lora_dir or not args.no_fine_tuning)
+    config = engine_config_from_args(args, **({"enable_lora": True} if implied else {}))
     adapters = [_lora_arg(spec) for spec in args.lora or []]  # bad syntax fails before the model loads
     api_key = _api_key(args)
     store = ResponseStore(args.state_db or default_state_path())  # an unusable one fails before the model loads
@@ -151,20 +143,14 @@ def _serve(args, sock) -> int:
     # The engine steps on its own thread. On a CPU every OpenMP thread pool counts against the cores:
     # once the main thread has started one (by loading the model with several threads), libgomp
     # sees more threads than cores and its workers sleep between parallel regions instead of spinning,
-    # which made decode steps on the engine thread 20-50% slower than the same steps on the main
-    # thread (2-core EPYC, 16 requests). So the main thread loads with one thread (no pool; OpenMP's
-    # count is per thread) and the engine thread runs with the machine's count. bench/results/serve.md:
-    # 32 clients 140 -> 204 tok/s, 1 client 12.5 -> 22.8.
+    # which slows every decode step on the engine thread. So the main thread loads with one thread (no
+    # pool; OpenMP's count is per thread) and the engine thread runs with the machine's count
+    # (bench/serve.py measures both).
     engine_threads = None
     if args.device in (None, "cpu") and not torch.cuda.is_available():
         engine_threads = torch.get_num_threads()
         torch.set_num_threads(1)
-    engine = LLMEngine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                       quantization=quantization_from_args(args), lora=lora, weight_dtype=args.weight_dtype,
-                       scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs),
-                       cache=CacheConfig(kv_cache_memory_gb=args.kv_cache_memory_gb,
-                                         gpu_memory_utilization=args.gpu_memory_utilization),
-                       kernels=args.kernels, cpu_isa=args.cpu_isa, batch_invariant=args.batch_invariant)
+    engine = LLMEngine(config=config)
     name = args.served_model_name
     if not name:
         # a hub id is served under that id; a local folder or file under its own name

@@ -101,8 +101,8 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True, max_len: int | None = None) -> list[int]:
         """max_len: raise PromptTooLongError (with the count) rather than build a list of more ids
-        than that: for a prompt that cannot fit, the list alone takes ~50 ms per million tokens of
-        holding the GIL."""
+        than that: for a prompt that cannot fit, building the list alone would hold the GIL (and stall
+        every other request) for as long as the prompt is big."""
         ids = self._encode_ids(text, add_special_tokens, max_len)
         bos = self.bos_token_id
         if add_special_tokens and bos is not None:

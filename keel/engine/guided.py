@@ -1,25 +1,17 @@
 """Grammar-constrained decoding: JSON Schema and JSON-object outputs that always parse.
 
 A request that asks for structured output gets a `Guide`: a grammar matcher that, before each sampled
-token, fills a bitmask of the tokens allowed next (the sampler sets the others to -inf) and, after
-each token, advances. The request ends as soon as the grammar is complete; the model's end-of-sequence
+token, fills a bitmask of the tokens allowed next (the engine hands it to the runner with the step,
+and the sampler sets the others to -inf) and, after each token, advances. The request ends as soon as the grammar is complete; the model's end-of-sequence
 token is allowed only then.
 
-NOTE: library choice. We use llguidance. `bench/grammar_libs.py` measured the three candidates on the
-2-core CI CPU with the built-in model's tokenizer (SmolLM2, 49152 tokens), on random valid walks
-through a nested schema (objects, arrays, enums, integer bounds):
-
-    library        tokenizer setup   compile schema   mask per token (mean / p50 / p99)
-    llguidance       0.36 s            0.002 s          0.044 / 0.027 / 0.76 ms
-    xgrammar         0.17 s            0.26 s           0.136 / 0.024 / 1.06 ms
-    outlines-core    0.27 s            0.41 s           0.095 / 0.089 / 0.21 ms
-
-A decode step of the smallest model is ~10-30 ms here, so every library's mask is cheap; what differs
-is compilation, which runs on the engine thread and stalls every running request: llguidance compiles
-lazily (2 ms), the others ahead of time (a quarter to half a second per new schema, worse for large
-ones). llguidance also reads the `tokenizers` JSON we already hold (no transformers at runtime), needs
-no torch of its own, and names the schema features it cannot enforce (`not`, `uniqueItems`, unknown
-formats, look-around in patterns), which we turn into 400s instead of silently unconstrained output.
+Library choice: llguidance (bench/grammar_libs.py measured it against xgrammar and outlines-core;
+bench/results/grammar_libs.md). Every library's per-token mask is cheap next to a decode step; what
+differs is compilation, which runs on the engine thread and stalls every running request: llguidance
+compiles lazily, the others ahead of time. llguidance also reads the `tokenizers` JSON we already hold
+(no transformers at runtime), needs no torch of its own, and names the schema features it cannot
+enforce (`not`, `uniqueItems`, unknown formats, look-around in patterns), which we turn into 400s
+instead of silently unconstrained output.
 """
 
 from __future__ import annotations
@@ -75,7 +67,7 @@ class GrammarBackend:
         self._cache: OrderedDict[str, Any] = OrderedDict()  # grammar text -> compiled LLMatcher (never advanced)
 
     def _ll_tokenizer(self):
-        if self._lltok is None:  # ~0.4 s: built on first use, so engines without structured output never pay
+        if self._lltok is None:  # built on first use (it scans the vocabulary): engines without grammars never pay
             import llguidance as llg
             eos = list(self.tokenizer.eos_token_ids)
             try:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 
 import torch
 
-from keel.config import CacheConfig, LoRAConfig, SchedulerConfig
+from keel.config import EngineConfig, engine_config
 from keel.engine.adapters import Adapters
 from keel.engine.block_pool import BlockPool
 from keel.engine.device import parse_dtype, pick_device
@@ -27,78 +28,74 @@ from keel.sampling_params import SamplingParams
 log = logging.getLogger("keel")
 
 
-WEIGHT_DTYPES = ("auto", "bfloat16", "model")
-
-
 class LLMEngine:
-    def __init__(self, model: str | None = None, *, dtype=None, device: str | None = None,
-                 cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None,
-                 max_model_len: int | None = None, quantization=None, lora: LoRAConfig | None = None,
-                 weight_dtype: str = "auto", kernels: str | None = None, cpu_isa: str | None = None,
-                 batch_invariant: bool = True) -> None:
-        """quantization: "int8", "int4" or a keel.quant.QuantConfig (weight-only, at load; a checkpoint
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **options) -> None:
+        """config: keel.config.EngineConfig; options change any of its fields by name (dtype="float32",
+        max_num_seqs=8, enable_lora=True, ...) or a whole group (cache=CacheConfig(...)): see
+        keel.config.engine_config. Resolved once here: the effective settings are `self.config`.
+
+        quantization: "int8", "int4" or a keel.quant.QuantConfig (weight-only, at load; a checkpoint
         written by `keel quantize` is quantized already and needs none); "gguf" keeps a GGUF file's
         Q4_0/Q4_1/Q8_0 blocks as they are, "none" dequantizes them; None: "gguf" for a GGUF file with such
         blocks where keel's CPU kernels serve a float32 model (see default_gguf_quantization), else none.
-        lora: serve LoRA adapters (see add_lora); None: base model only.
-        weight_dtype: "auto", "bfloat16" or "model": see keel.LLM.
-        kernels ("auto", "keel", "torch"), cpu_isa ("auto", "avx2", "avx512"), batch_invariant: which code
-        computes each layer, chosen once here (keel.kernels.backend)."""
-        if weight_dtype not in WEIGHT_DTYPES:
-            raise InvalidRequestError(f"weight_dtype={weight_dtype!r} is invalid: use one of {', '.join(WEIGHT_DTYPES)}")
-        self.weight_dtype = weight_dtype
-        self.device = pick_device(device)
+        kernels, cpu_isa, batch_invariant: which code computes each layer, chosen once here
+        (keel.kernels.backend)."""
+        if model is not None:
+            options["model"] = model
+        cfg = engine_config(config, **options)
+        load, compute, cache, sched_cfg = cfg.load, cfg.compute, cfg.cache, cfg.scheduler
+        self.weight_dtype = load.weight_dtype
+        self.device = pick_device(load.device)
         if self.device.type == "cpu":
-            # Denormal floats (common in attention and small activations) make x86 float math 10-50x
-            # slower; flushing them to zero changes results by less than float32 rounding does.
+            # Denormal floats (common in attention and small activations) take a slow microcode path on
+            # x86; flushing them to zero changes results by less than float32 rounding does.
             torch.set_flush_denormal(True)
-        self.dtype = parse_dtype(dtype, self.device)
+        self.dtype = parse_dtype(load.dtype, self.device)
         from keel.kernels.backend import choose
-        self.backend = choose(self.device, self.dtype, kernels, cpu_isa, batch_invariant)
-        auto_quantization = quantization is None
-        quantization = parse_quantization(quantization)
-        self.model_path = resolve_model(model)
+        self.backend = choose(self.device, self.dtype, compute.kernels, compute.cpu_isa, compute.batch_invariant)
+        auto_quantization = load.quantization is None and load.quantize_group_size is None
+        quantization = parse_quantization(load.quantization, load.quantize_group_size)
+        self.model_path = resolve_model(load.model)
         ckpt = open_checkpoint(self.model_path)
         if auto_quantization:
             from keel.quant.gguf_blocks import default_gguf_quantization
             quantization = default_gguf_quantization(ckpt, self.device, self.dtype, self.backend)
-        self.model_name = DEFAULT_MODEL_NAME if model is None else ckpt.name
-        self.model_config = cfg = ckpt.config
+        self.model_name = DEFAULT_MODEL_NAME if load.model is None else ckpt.name
+        self.model_config = mcfg = ckpt.config
         self.tokenizer = ckpt.tokenizer
         self.checkpoint_files = ckpt.files
-        self.cache_config = cache = cache or CacheConfig()
-        sched_cfg = scheduler or SchedulerConfig()
-        limit = cfg.max_position_embeddings
-        if cfg.sliding_window:
-            limit = min(limit, cfg.sliding_window)  # within the window, full attention is exact
-        if max_model_len is not None:
-            if max_model_len > limit:
-                raise InvalidRequestError(f"max_model_len={max_model_len} is over this model's limit of {limit}")
-            limit = max_model_len
+        self.cache_config = cache
+        limit = mcfg.max_position_embeddings
+        if mcfg.sliding_window:
+            limit = min(limit, mcfg.sliding_window)  # within the window, full attention is exact
+        if sched_cfg.max_model_len is not None:
+            if sched_cfg.max_model_len > limit:
+                raise InvalidRequestError(f"max_model_len={sched_cfg.max_model_len} is over this model's limit of {limit}")
+            limit = sched_cfg.max_model_len
         self.model = build_model(ckpt, self.dtype, self.device, limit, quantization)
         self.quantization = resolve_quantization(ckpt.quantization, quantization, ckpt.name)
-        self.model.prepare(self.backend, weight_dtype)
+        self.model.prepare(self.backend, load.weight_dtype)
 
         from keel.engine.memory import kv_cache_blocks
-        per_token = ModelRunner.kv_bytes_per_token(cfg, self.dtype)
+        per_token = ModelRunner.kv_bytes_per_token(mcfg, self.dtype)
         num_blocks, sized = kv_cache_blocks(cache, sched_cfg.max_num_seqs, limit, per_token, self.device)
         # A single request must always fit in the cache, or preemption could never make room for it.
         self.max_model_len = min(limit, num_blocks * cache.block_size)
-        sched_cfg.max_model_len = self.max_model_len
+        self.scheduler_config = sched_cfg = dataclasses.replace(sched_cfg, max_model_len=self.max_model_len)
+        self.config = dataclasses.replace(cfg, scheduler=sched_cfg)
         self.num_blocks = num_blocks
         self.kv_cache_sized = sized
-        self.scheduler_config = sched_cfg
         self.lora = None
-        if lora is not None:
+        if cfg.lora.enable_lora:
             from keel.lora.manager import LoRAManager
-            self.lora = LoRAManager(self.model, lora, self.dtype, self.device, served_model=self.model_name)
+            self.lora = LoRAManager(self.model, cfg.lora, self.dtype, self.device, served_model=self.model_name)
         self.pool = BlockPool(num_blocks, cache.enable_prefix_caching)
         self.scheduler = Scheduler(sched_cfg, self.pool, cache.block_size, adapters=self.lora)
         self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.dtype, self.device, lora=self.lora)
         self.adapters = Adapters(self.lora)
-        self.structured = GrammarBackend(self.tokenizer, cfg.vocab_size)
-        eos = tuple(cfg.eos_token_ids or self.tokenizer.eos_token_ids)
-        self.inputs = InputProcessor(self.tokenizer, cfg.vocab_size, eos, self.structured, self.max_model_len)
+        self.structured = GrammarBackend(self.tokenizer, mcfg.vocab_size)
+        eos = tuple(mcfg.eos_token_ids or self.tokenizer.eos_token_ids)
+        self.inputs = InputProcessor(self.tokenizer, mcfg.vocab_size, eos, self.structured, self.max_model_len)
         self.outputs = OutputProcessor(self.tokenizer, self.structured, self.scheduler.finish_request)
         self._ids = itertools.count()
         log.info("loaded %s (%s, %s%s): %d KV blocks of %d tokens, max_model_len %d", self.model_name,
@@ -172,8 +169,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         if self.device.type == "cpu":
             # The flag lives in a per-thread register: set it on whichever thread steps (the server's
-            # engine thread is not the one that built the engine), or that thread runs 2x slower and
-            # its tokens can differ from the offline API's.
+            # engine thread is not the one that built the engine), or that thread runs slower and its
+            # tokens can differ from the offline API's.
             torch.set_flush_denormal(True)
         failed = self._fail_adapter_requests() if self.lora is not None else []
         sched = self.scheduler.schedule()

@@ -4,7 +4,7 @@
 Why: a decode step multiplies 1 to a few dozen rows by every weight. oneDNN and MKL are tuned for big
 matrices; at these sizes a register-tiled loop that reads each weight once, in the format it is stored
 in, is faster (bench/results/cpu_kernels.md). PyTorch's weight-only CPU operators (_weight_int8pack_mm,
-_weight_int4pack_mm_for_cpu) have a fast path only for bfloat16 activations, so a float32 model had to
+_weight_int4pack_mm_for_cpu) have a fast path only for bfloat16 activations, so a float32 model would have to
 round its activations around them, and bfloat16 F.linear on a CPU without bf16 instructions is slower
 than float32. The C files are compiled with the system's C compiler at first use (a few seconds) into
 a cache folder and loaded with ctypes, one build per ISA variant (AVX2, AVX-512), probed against

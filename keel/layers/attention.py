@@ -95,8 +95,8 @@ class PagedAttention(nn.Module):
     def use_own_kernel(self) -> None:
         """Decode steps through keel's CPU kernel, where it runs: a float32 cache on an x86 CPU with
         AVX2 and FMA. It reads each request's keys and values in place in the cache blocks; the general
-        path below gathers every request's context into a padded copy first and hands it to SDPA,
-        ~0.5 ms a layer at 16 requests on the 2-core EPYC (bench/profile_decode.py)."""
+        path below gathers every request's context into a padded copy first and hands it to SDPA, a copy
+        that costs more than the attention itself at decode (bench/profile_decode.py)."""
         from keel.kernels.backend import of
         backend = of(self)
         ok = (self.k_cache is not None and self.k_cache.device.type == "cpu" and self.k_cache.dtype == torch.float32
@@ -173,7 +173,7 @@ class PagedAttention(nn.Module):
 
     def _batched(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         B, Q, H, D = meta.batch_size, meta.max_query_len, self.num_heads, self.head_dim
-        # Whole blocks by index_select: 5x faster on CPU than indexing slot by slot (bench/kernels.py).
+        # Whole blocks by index_select: one gather per block instead of one per slot (bench/kernels.py).
         blocks = meta.gather_blocks.view(-1)
         shape = (B, -1, self.num_kv_heads, D)
         keys = self.k_cache.view(-1, meta.block_size, self.num_kv_heads, D).index_select(0, blocks)

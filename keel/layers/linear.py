@@ -15,15 +15,14 @@ from torch import nn
 from keel.errors import ModelLoadError
 
 # Rows up to which a CPU layer uses keel's matmul (keel/kernels/cpu_gemm.c, see _use_own); more rows go
-# to F.linear (MKL). float32, 2-core AVX2 EPYC, ms, one hot weight (bench/results/cpu_kernels.md):
-# 3072x576 at 16 / 64 / 256 / 1024 rows keel 0.45 / 1.98 / 6.31 / 29.2, oneDNN packed 0.50 / 1.83 / 6.30
-# / 24.6, MKL 0.85 / 2.23 / 7.13 / 24.6; at 1 row, over a whole model's cold weights, keel reads them at
-# the machine's copy bandwidth (17.8 ms for SmolLM2's 425 MB against oneDNN's 21.0).
+# to F.linear (MKL). Up to here keel's kernel is at least as fast as oneDNN and MKL and is
+# batch-invariant; past it MKL's large-batch blocking wins (bench/cpu_kernels.py,
+# bench/results/cpu_kernels.md).
 OWN_F32_MAX_ROWS = 256
 # bfloat16 weights (of a bf16 model on a CPU without bf16 matmuls, or kept in bf16 under a float32
-# model): keel's kernel reads them as bf16 and computes in float32, each panel widened once in L1;
-# 3072x576 at 64 / 256 rows 1.4 / 7.6 ms against bf16 F.linear's 12.7 / 53.7 (cold,
-# bench/results/cpu_kernels.md). More rows widen the whole weight for MKL.
+# model): keel's kernel reads them as bf16 and computes in float32, each panel widened once in L1, where
+# bf16 F.linear has no fast path on such CPUs (bench/results/cpu_kernels.md). More rows widen the whole
+# weight for MKL.
 OWN_BF16_MAX_ROWS = 256
 # Batch invariance without keel's kernels: F.linear (MKL / oneDNN) picks its blocking, and with it the
 # order of each dot product's sums, from the row count. Fed blocks of exactly FIXED_ROWS rows (the last
@@ -139,10 +138,8 @@ class Linear(nn.Module):
         F.linear. weight_dtype "auto" or "bfloat16": a float32 layer may hold its weight in bfloat16 for
         keel's kernel (see keeps_bf16).
 
-        oneDNN, measured on a 2-core AVX2 EPYC, float32 (bench/kernels.py, bench/results/kernels.md): a
-        3072x576 projection at 16 tokens 0.6 ms packed against 1.15 ms for F.linear (MKL), the 49152x576
-        output head 4.5 ms against 10.5 ms at 1 token and 11 ms against 31 ms at 16. Neither is
-        batch-invariant (their blocking depends on the row count), so a batch-invariant backend without
+        oneDNN's packed layout beats F.linear (MKL) on projections and the output head alike
+        (bench/kernels.py, bench/results/kernels.md). Neither is batch-invariant (their blocking depends on the row count), so a batch-invariant backend without
         keel's kernels keeps F.linear, fed a fixed number of rows at a time (see _fixed_rows).
         """
         from keel.kernels.backend import of

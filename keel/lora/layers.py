@@ -11,8 +11,8 @@ each output shard, `(x Aᵀ)(s Bᵀ)` to the tokens of each slot with two batche
 No per-request weight merge, no forward pass per adapter. Why this layout (bench/results/lora.md):
 - Slots at positions 0..S-1 make `A[:S, :R]` a view of the resident stack, so no step copies adapter
   weights. At decode each token of a distinct adapter is a matrix-vector product that reads that
-  adapter once; bmm over a contiguous stack ran 3x faster here than torch._grouped_mm, whose CPU
-  fallback loops over groups, and 2x faster than gathering weights per token.
+  adapter once; bmm over a contiguous stack beat torch._grouped_mm, whose CPU fallback loops over
+  groups, and gathering weights per token.
 - R is the largest rank among the slots in a group, not the largest rank the server accepts; slots
   are ordered by rank and split into groups of equal rank when padding would cost more than the extra
   matmuls (see `rank_groups`), so an adapter's cost follows its own rank.
@@ -46,9 +46,9 @@ class LoRACosts:
     overflow_cost_rows: float
     split_min_rank_slots: float
 
-    # Measured on the 2-core AVX2 EPYC (bench/results/lora.md): a small op ~10 us, small-K matmuls
-    # ~20 GFLOP/s, adapter weights stream at ~10 GB/s. An overflowing slot or an extra rank group adds
-    # about 5 small ops per projection.
+    # The cost model's constants, fitted to bench/lora.py's measurements (bench/results/lora.md): the
+    # cost of one small op, small-K matmul throughput, the rate adapter weights stream at, and how many
+    # small ops an overflowing slot or an extra rank group adds per projection.
     OP_SECONDS, FLOPS, BYTES_PER_SECOND, OPS_PER_EXTRA = 10e-6, 20e9, 10e9, 5
 
     @classmethod
@@ -272,7 +272,7 @@ class LinearLoRA:
         A constant number of tensor ops whatever the number of adapters (about 2n + 4 for n shards),
         plus n + 2 per extra rank group or overflowing slot: on a CPU, small batches pay per op more
         than per flop. Every matmul operand keeps unit stride in its last dim: bmm on a strided slice,
-        or baddbmm_ into a column slice of y, falls off MKL onto a loop 3-10x slower (measured).
+        or baddbmm_ into a column slice of y, falls off MKL onto a much slower loop.
         """
         if self.kernel is not None and meta.kernel_slots is not None and x.dtype == torch.float32:
             self._apply_kernel(x, y, meta)
@@ -313,8 +313,8 @@ class LinearLoRA:
     def _apply_kernel(self, x: torch.Tensor, y: torch.Tensor, meta: LoRAMetadata) -> None:
         """keel's CPU kernel: one call for every slot with a few tokens, which reads each adapter's
         weights once and computes only real rows, with no layout gather, copy or scatter around the
-        matmuls. On the 2-core AVX2 EPYC the torch ops above cost ~10-60 us each, ~15 of them per
-        projection, more than the products themselves (bench/results/lora.md)."""
+        matmuls: the torch ops above, over a dozen per projection, cost more than the products themselves
+        (bench/results/lora.md)."""
         slots, starts, counts = meta.kernel_slots
         ranks = self._rank_table
         if self.pad_ranks:  # ablation: every adapted shard at the stacks' full rank (rows past a rank are zero)

@@ -61,7 +61,7 @@ class LoRAManager:
                  served_model: str | None = None) -> None:
         self.config = config
         self.max_loras = config.max_loras
-        self.max_cpu_loras = config.max_cpu_loras
+        self.max_cpu_loras = config.cpu_loras
         self.dtype, self.device = dtype, device
         from keel.kernels.backend import of
         self.backend = of(model)

@@ -2,8 +2,7 @@
 
 A decode step at batch 1 does little arithmetic per layer, so the ~11 Python-level calls per layer
 (norms, matmuls, rotary and cache write, attention, activation, residual adds, each with its tensor
-allocations) cost as much as the matmuls themselves: about 7 ms of a 21 ms step with the built-in model on
-the 2-core EPYC. Where every part of every layer runs on keel's CPU kernels anyway (float32 on an AVX2
+allocations) cost about as much as the matmuls themselves (bench/profile_decode.py). Where every part of every layer runs on keel's CPU kernels anyway (float32 on an AVX2
 CPU: dense, GGUF-block or keel-quantized projections, the float32 paged cache), the whole stack runs as
 one call of the same kernels in the same order, with the same results bit for bit; LoRA adapters' updates
 too, through the batched LoRA kernel, where every slot of the step has at most KERNEL_MAX_ROWS tokens.
@@ -47,7 +46,7 @@ class DecodeStack:
         self.h_cols = max((lo.a.shape[1] for lo in loras), default=0)
         self.held = held  # (owner, attribute, tensor) of everything the structs point at, kept alive
         # (the dict or list the attribute lives in, its key, the object, its address): read directly, since
-        # nn.Module.__getattr__ costs ~1 us a call and this runs before every decode step
+        # nn.Module.__getattr__ is slow (a dict walk per call) and this runs before every decode step
         checks = [(_home(owner, name), name, t) for owner, name, t in held]
         self.tensor_checks = [(h, k, t, t.data_ptr()) for h, k, t in checks
                               if isinstance(t, torch.Tensor) and not isinstance(h, list)]

@@ -1,4 +1,5 @@
-"""`keel quantize MODEL OUT --method int8|int4 [--group-size N]`, and the quantization flags of engine commands."""
+"""`keel quantize MODEL OUT --method int8|int4 [--group-size N]` (the quantization options of engine commands
+come from keel.config.LoadConfig)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 
 from keel.errors import KeelError
 
-from keel.quant.config import DEFAULT_INT4_GROUP_SIZE, INT4_GROUP_SIZES, LOAD_METHODS, METHODS
+from keel.quant.config import DEFAULT_INT4_GROUP_SIZE, INT4_GROUP_SIZES, METHODS
 
 _GROUP_HELP = (f"int4 only: input channels per scale and zero point, one of "
                f"{', '.join(map(str, INT4_GROUP_SIZES))} (default {DEFAULT_INT4_GROUP_SIZE})")
@@ -44,18 +45,3 @@ def cmd_quantize(args) -> int:
     print(f"wrote {args.out}: {summary['config'].describe()}, {summary['tensor_bytes'] / 1e6:.1f} MB of tensors "
           f"in {len(summary['files'])} file(s), from {summary['source']}")
     return 0
-
-
-def add_quantization_args(p: argparse.ArgumentParser) -> None:
-    """`--quantize int8|int4` and `--quantize-group-size` for commands that load a model (serve, chat)."""
-    p.add_argument("--quantize", choices=LOAD_METHODS, default=None,
-                   help="quantize the weights at load: int8 or int4 (a model written by `keel quantize` needs "
-                        "none); gguf keeps a GGUF file's Q4_0/Q4_1/Q8_0 blocks as they are (the default for "
-                        "such files on a CPU where keel's kernels run); none dequantizes them")
-    p.add_argument("--quantize-group-size", type=int, default=None, help=_GROUP_HELP)
-
-
-def quantization_from_args(args):
-    """The `quantization=` argument for LLM / LLMEngine from add_quantization_args' flags."""
-    from keel.quant.config import parse_quantization
-    return parse_quantization(args.quantize, args.quantize_group_size)

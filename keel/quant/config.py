@@ -13,12 +13,11 @@ METHODS = ("int8", "int4")  # what `keel quantize` writes
 # int8, groups of 32; the default for such files where keel's CPU kernels run), and "none" (dequantized)
 LOAD_METHODS = METHODS + ("gguf", "none")
 INT4_GROUP_SIZES = (32, 64, 128)
-# Group 32 by measurement (bench/quant.py, bench/results/quant.md): on the 2-core AVX2 EPYC the CPU
-# int4 kernel costs the same at groups 32 and 64 (3072x576 at 1 token: 151 vs 153 us, 576x1536: 82 vs
-# 77 us), group 32 quantizes more finely, divides more layer widths (SmolLM2's 576 is no multiple of
-# 128, the tiny test models' 96 no multiple of 64), and is the block size of GGUF's Q4_0/Q4_1, which
-# then load without requantizing (the built-in model keeps its perplexity exactly; requantized at group
-# 64 it rises 41%). Its scale and zero add 4 bytes per 32 weights (0.625 bytes a weight).
+# Group 32 by measurement (bench/quant.py, bench/results/quant.md): the CPU int4 kernel costs the same
+# at groups 32 and 64, group 32 quantizes more finely, divides more layer widths (SmolLM2's 576 is no
+# multiple of 128, the tiny test models' 96 no multiple of 64), and is the block size of GGUF's
+# Q4_0/Q4_1, which then load without requantizing (the built-in model keeps its perplexity exactly).
+# Its scale and zero add 4 bytes per 32 weights.
 DEFAULT_INT4_GROUP_SIZE = 32
 CONFIG_FILE = "quantization_config.json"
 FORMAT = "keel"

@@ -62,7 +62,7 @@ def default_gguf_quantization(ckpt, device: torch.device, dtype: torch.dtype, ba
     CPU where keel's kernels compute a float32 model with them: what llama.cpp and Ollama users expect,
     the file's weights exactly (scales and zeros kept in float16), a quarter to a sixth of the memory of
     dequantized float32, and faster decoding (bench/results/decode.md). Elsewhere (GPUs, bfloat16, no
-    kernels) the blocks are dequantized as before. None: dequantize."""
+    kernels) the blocks are dequantized at load. None: dequantize."""
     from keel.kernels.backend import default_backend
     from keel.quant.config import QuantConfig
     backend = backend or default_backend(device)

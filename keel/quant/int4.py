@@ -9,15 +9,13 @@ kernels take them so; the quantizer picks the codes against the rounded values.
 Scales and zeros may also be float32: GGUF's Q4_0/Q4_1 blocks carry float16 ones, which bfloat16
 would round, so they load exactly (keel/quant/gguf_blocks.py).
 
-Kernel, chosen by measurement (2-core AVX2 EPYC, torch 2.13, SmolLM2 shapes):
+Kernel, chosen by measurement (bench/results/cpu_kernels.md, bench/results/quant.md):
 - CPU, float32 model: keel's matmul (keel/kernels/cpu_gemm.c) up to INT4_OWN_MAX_ROWS rows, activations
-  and arithmetic in float32, each weight computed exactly as dequantize_int4 does. Over a whole model's
-  projections (30 layers, cold) it takes 12.4 ms at 1 row against 21.0 for the oneDNN float32 layers,
-  43.8 against 50.1 at 16 rows (bench/results/cpu_kernels.md). PyTorch's int4 operator needs bfloat16
+  and arithmetic in float32, each weight computed exactly as dequantize_int4 does; it reads a quarter
+  of the float32 bytes, which is what decode is bound by. PyTorch's int4 operator needs bfloat16
   activations.
 - CPU, bfloat16 model: torch._weight_int4pack_mm_for_cpu over the weight reordered by
-  _convert_weight_to_int4pack_for_cpu (gate_up 3072x576 at 1 row 151-168 us against 175-202 for float32
-  oneDNN). Where keel's kernel cannot run on a float32 model, the same operator with activations cast to
+  _convert_weight_to_int4pack_for_cpu, faster than the float32 oneDNN layer. Where keel's kernel cannot run on a float32 model, the same operator with activations cast to
   bfloat16, up to INT4_CPU_FP32_MAX_ROWS rows; dequantize-then-matmul above.
 - CUDA: torch._weight_int4pack_mm (tinygemm) for bfloat16 models, checked on a probe at load (no GPU
   was at hand to measure it: where it fails the check, the reference is used).

@@ -6,18 +6,15 @@ With a group size (only GGUF's Q8_0 blocks load so, see keel/quant/gguf_blocks.p
 group of input channels, scales [out, in / group], float16 as the file has them; keel's CPU kernel or
 the reference compute with it (PyTorch's int8 operator has per-channel scales only).
 
-Kernel, chosen by measurement (bench/quant.py, table in bench/results/quant.md; 2-core AVX2 EPYC, torch
-2.13, SmolLM2 shapes, microseconds, best of several runs on a shared machine):
-- CPU: torch._weight_int8pack_mm, which reads the int8 weight as is and wants bfloat16 activations:
-  gate_up 3072x576 at 1 row 118 us against 202 for the oneDNN-packed float32 layer and 243 for bf16
-  F.linear; the 49152x576 output head 3.8 ms against 5.7. Given float32 activations the same operator
-  takes 1.1-1.4 ms (no vectorised path), so a float32 model casts x to bfloat16 around it and applies
+Kernel, chosen by measurement (bench/quant.py, table in bench/results/quant.md):
+- CPU: torch._weight_int8pack_mm, which reads the int8 weight as is and wants bfloat16 activations; it
+  beats the oneDNN-packed float32 layer and bf16 F.linear at a few rows. Given float32 activations the
+  same operator has no vectorised path, so a float32 model casts x to bfloat16 around it and applies
   the float32 scales after it (the kernel gets unit scales): the channel scales stay exact.
-- From about 8 rows on, float32 oneDNN beats the kernel (16 rows: 472 against 781 us; 256 rows: 7.2
-  against 17 ms); dequantizing (one pass, ~1.5 ms for 3072x576) and running the dense matmul wins from
-  about 128 rows, so a float32 model sends batches above INT8_CPU_FP32_MAX_ROWS (prefill chunks) that
-  way and keeps the kernel below. A bfloat16 model always uses the kernel: bf16 F.linear on this CPU is
-  slower still at every size (16 rows: 3.2 ms, 256 rows: 58 ms).
+- With more rows float32 oneDNN beats the kernel, and from larger batches dequantizing (one pass) and
+  running the dense matmul wins, so a float32 model sends batches above INT8_CPU_FP32_MAX_ROWS (prefill
+  chunks) that way and keeps the kernel below. A bfloat16 model always uses the kernel: bf16 F.linear
+  on CPUs without bf16 matmuls is slower still at every size.
 - elsewhere (CUDA, other CPUs): dequantize-then-matmul in the model dtype, the reference.
 """
 

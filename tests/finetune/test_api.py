@@ -10,7 +10,7 @@ import time
 import openai
 import pytest
 
-from keel.config import CacheConfig, LoRAConfig
+from keel.config import CacheConfig
 from keel.engine.llm_engine import LLMEngine
 from keel.finetune.jobs import FineTuning, ServedModel
 from keel.server import create_app
@@ -24,7 +24,7 @@ MODEL = "tiny-llama"
 def ft_server(ft_ckpt, tmp_path_factory):
     folder, _ = ft_ckpt
     engine = LLMEngine(folder, dtype="float32", cache=CacheConfig(block_size=4, num_blocks=512),
-                       lora=LoRAConfig(max_loras=4, max_lora_rank=16))
+                       enable_lora=True, max_loras=4, max_lora_rank=16)
     base = ServedModel(MODEL, folder, engine.max_model_len, engine.tokenizer, max_rank=16)
     ft = FineTuning(base, str(tmp_path_factory.mktemp("data")), register=engine.adapters.add, threads=1, poll_s=0.05)
     with LiveServer(create_app(engine, served_model_name=MODEL, fine_tuning=ft)) as s:

@@ -121,14 +121,13 @@ def test_a_killed_server_resumes_the_job_from_its_checkpoint(ft_ckpt, tmp_path):
 def test_the_built_in_model_learns_made_up_facts(tmp_path):
     """A job on the built-in model teaches four made-up facts; the adapter answers them on phrasings it never
     saw, the base model does not, and the base model still knows its own facts."""
-    from keel.config import LoRAConfig
     from keel.engine.llm_engine import LLMEngine
     from keel.finetune.jobs import FineTuning, ServedModel
     from keel.models.loader import DEFAULT_MODEL_NAME
     from keel.server import create_app
     from tests.finetune.facts import HELD_OUT, SYSTEM, TRAIN
     from tests.server.conftest import LiveServer
-    engine = LLMEngine(None, lora=LoRAConfig(max_loras=2, max_lora_rank=16))
+    engine = LLMEngine(None, enable_lora=True, max_loras=2, max_lora_rank=16)
     base = ServedModel(DEFAULT_MODEL_NAME, engine.model_path, engine.max_model_len, engine.tokenizer, max_rank=16)
     ft = FineTuning(base, str(tmp_path / "data"), register=engine.adapters.add, poll_s=0.1)
     with LiveServer(create_app(engine, served_model_name=DEFAULT_MODEL_NAME, fine_tuning=ft)) as server:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from keel.config import CacheConfig, LoRAConfig
+from keel.config import CacheConfig
 from keel.embed import EmbeddingModel
 from keel.engine.llm_engine import LLMEngine
 from keel.server import create_app
@@ -35,7 +35,7 @@ def env(lora_case, tmp_path_factory):
     shutil.copytree(adapters["qv-r4"][0], allowed / "good")
     (tmp / "outside").mkdir()
     shutil.copytree(adapters["qv-r4"][0], tmp / "outside" / "secret")
-    engine = LLMEngine(ckpt, dtype="float32", cache=CacheConfig(block_size=4, num_blocks=256), lora=LoRAConfig())
+    engine = LLMEngine(ckpt, dtype="float32", cache=CacheConfig(block_size=4, num_blocks=256), enable_lora=True)
     embedder = EmbeddingModel(make_tiny_bert(str(tmp / EMB), {"mean_tokens": True}, True)) if BUILTIN else None
     app = create_app(engine, served_model_name=BASE, embedding_model=embedder,
                      lora_policy=LoRAPolicy(roots=[str(allowed)]))
@@ -155,7 +155,7 @@ def test_hostile_configs_are_a_400(env, kind):
 def test_models_shows_paths_only_when_asked(lora_case, tmp_path):
     ckpt, _, adapters = lora_case("llama-gqa")
     for show in (False, True):
-        engine = LLMEngine(ckpt, dtype="float32", cache=CacheConfig(block_size=4, num_blocks=64), lora=LoRAConfig())
+        engine = LLMEngine(ckpt, dtype="float32", cache=CacheConfig(block_size=4, num_blocks=64), enable_lora=True)
         engine.adapters.add("a", adapters["qv-r4"][0])
         app = create_app(engine, served_model_name=BASE, lora_policy=LoRAPolicy(show_paths=show))
         with LiveServer(app) as s, s.http() as h:

@@ -13,7 +13,7 @@ import openai
 import pytest
 from safetensors.torch import load_file, save_file
 
-from keel.config import CacheConfig, LoRAConfig
+from keel.config import CacheConfig
 from keel.engine.llm_engine import LLMEngine
 from keel.server import create_app
 from keel.server.adapters import LoRAPolicy
@@ -32,7 +32,7 @@ def env(lora_case, tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_http")
     # 2 resident slots for 4 adapters: concurrent requests wait for, load and evict slots
     engine = LLMEngine(ckpt, dtype="float32", cache=CacheConfig(block_size=4, num_blocks=512),
-                       lora=LoRAConfig(max_loras=2, max_cpu_loras=2, max_lora_rank=16))
+                       enable_lora=True, max_loras=2, max_cpu_loras=2, max_lora_rank=16)
     engine.adapters.add("qv-r4", adapters["qv-r4"][0])  # as `keel serve --lora` does
     lora_dir = root / "dir"
     for name in ("all-r8-rslora", "mlp-r8-layer1"):
@@ -203,7 +203,7 @@ def test_lora_off_server_refuses_updates(lora_case):
 
 def test_updates_can_be_turned_off(lora_case):
     ckpt, _, adapters = lora_case("llama-gqa")
-    engine = LLMEngine(ckpt, dtype="float32", cache=CacheConfig(block_size=4, num_blocks=64), lora=LoRAConfig())
+    engine = LLMEngine(ckpt, dtype="float32", cache=CacheConfig(block_size=4, num_blocks=64), enable_lora=True)
     with LiveServer(create_app(engine, served_model_name=BASE, allow_lora_updates=False)) as server:
         r = server.http().post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": adapters["qv-r4"][0]})
         assert r.status_code == 403 and r.json()["error"]["code"] == "lora_updates_disabled"

@@ -61,12 +61,13 @@ def test_quantize_group_size_reaches_the_engine(tmp_path, capsys, monkeypatch):
     real = keel.llm.LLM
 
     def spy(*a, **kw):
-        seen.update(kw)
-        return real(*a, **kw)
+        seen["llm"] = llm = real(*a, **kw)
+        return llm
     monkeypatch.setattr(keel.llm, "LLM", spy)
     monkeypatch.setattr("keel.LLM", spy)
     args = ["generate", folder, "t5", "--raw", "--max-tokens", "2", "--dtype", "float32", "--quantize", "int4"]
     assert main(args + ["--quantize-group-size", "32"]) == 0
-    assert seen["quantization"].method == "int4" and seen["quantization"].group_size == 32
+    quant = seen["llm"].engine.quantization
+    assert quant.method == "int4" and quant.group_size == 32
     assert main(args + ["--quantize-group-size", "64"]) == 2  # the tiny model's 96-wide layer: refused
     assert "group size 64 does not divide" in capsys.readouterr().err

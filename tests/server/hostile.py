@@ -8,7 +8,7 @@ import json
 
 import httpx
 
-from keel.config import CacheConfig, LoRAConfig
+from keel.config import CacheConfig
 from keel.embed import EmbeddingModel
 from keel.engine.llm_engine import LLMEngine
 from keel.server import create_app
@@ -24,7 +24,7 @@ LIMITS = dict(max_request_bytes=8 * 2**20, body_timeout_s=1.5, header_timeout_s=
 def hostile_server(tiny_ckpt: str, tmp, **kw) -> LiveServer:
     """The tiny Llama (LoRA on, adapters loadable from `tmp/adapters` only) and, when the built-in
     embedding model's tokenizer is installed, a tiny BERT for embeddings."""
-    engine = LLMEngine(tiny_ckpt, dtype="float32", cache=CacheConfig(block_size=4, num_blocks=1024), lora=LoRAConfig())
+    engine = LLMEngine(tiny_ckpt, dtype="float32", cache=CacheConfig(block_size=4, num_blocks=1024), enable_lora=True)
     embedder = None
     if BUILTIN is not None:
         embedder = EmbeddingModel(make_tiny_bert(str(tmp / EMB), {"mean_tokens": True}, True))
