@@ -72,8 +72,9 @@ class CacheConfig:
     """Blocks in the KV cache (default: sized from kv_cache_memory_gb)."""
     kv_cache_memory_gb: float | None = field(default=None, metadata={
         "flags": ("--kv-cache-memory-gb", "--kv-cache-memory"), "metavar": "GB"})
-    """Memory for the KV cache, in GiB, when num_blocks is not given (default: a quarter of the available RAM
-    on a CPU, gpu_memory_utilization on a GPU; capped by what max_num_seqs full contexts need)."""
+    """Memory for the KV cache, in GiB, when num_blocks is not given (default: a tenth of the available RAM
+    within 0.25-4 GiB on a CPU, gpu_memory_utilization on a GPU; capped by what max_num_seqs full contexts
+    need)."""
     enable_prefix_caching: bool = True
     """Reuse the KV blocks of identical prompt prefixes."""
     gpu_memory_utilization: float = 0.9
