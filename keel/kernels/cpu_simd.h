@@ -14,12 +14,12 @@
 #define KEEL_ENOMEM (-1) /* a scratch buffer could not be allocated */
 #define KEEL_EINVAL (-2) /* an argument breaks the entry point's preconditions */
 
-/* A 64-byte aligned scratch buffer of at least `bytes`, one per thread and slot (0-3), kept and grown as
+/* A 64-byte aligned scratch buffer of at least `bytes`, one per thread and slot (0-4), kept and grown as
  * needed: once the largest step has run, hot loops allocate nothing. NULL when out of memory. A slot
  * belongs to one use at a time on a thread (see each caller). */
 static inline void *keel_scratch(int slot, size_t bytes) {
-    static _Thread_local void *buf[4];
-    static _Thread_local size_t cap[4];
+    static _Thread_local void *buf[5];
+    static _Thread_local size_t cap[5];
     bytes = (bytes + 63) / 64 * 64;
     if (bytes > cap[slot]) {
         free(buf[slot]);

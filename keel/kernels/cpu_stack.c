@@ -91,10 +91,20 @@ int keel_decode_stack(const keel_layer *layers, int64_t L, float *x, int64_t M, 
                       const int64_t *slots, const int64_t *tables, int64_t NB, const int32_t *ctx, int64_t bs,
                       const keel_lora_step *lora, int threads) {
     const int64_t QKV = (H + 2 * KVH) * HD;
-    float *h = malloc(sizeof(float) * M * D), *qkv = malloc(sizeof(float) * M * QKV);
-    float *att = malloc(sizeof(float) * M * H * HD), *gu = malloc(sizeof(float) * M * 2 * I);
-    float *act = malloc(sizeof(float) * M * I), *t = malloc(sizeof(float) * M * D);
-    int rc = (h && qkv && att && gu && act && t) ? KEEL_OK : KEEL_ENOMEM;
+    /* The step's activations, in one thread-local scratch buffer (slot 4: the kernels called below use
+     * 0-3), each part starting on a 64-byte boundary. */
+    const int64_t sizes[6] = {M * D, M * QKV, M * H * HD, M * 2 * I, M * I, M * D};
+    int64_t total = 0;
+    for (int k = 0; k < 6; k++)
+        total += (sizes[k] + 15) / 16 * 16;
+    float *base = keel_scratch(4, sizeof(float) * (size_t)total), *part[6];
+    int64_t at = 0;
+    for (int k = 0; k < 6; k++) {
+        part[k] = base ? base + at : NULL;
+        at += (sizes[k] + 15) / 16 * 16;
+    }
+    float *h = part[0], *qkv = part[1], *att = part[2], *gu = part[3], *act = part[4], *t = part[5];
+    int rc = base ? KEEL_OK : KEEL_ENOMEM;
     for (int64_t l = 0; l < L && rc == 0; l++) {
         const keel_layer *ly = layers + l;
         keel_rms_norm(x, ly->in_norm, h, M, D, eps);
@@ -110,11 +120,5 @@ int keel_decode_stack(const keel_layer *layers, int64_t L, float *x, int64_t M, 
         rc |= linear(&ly->down, act, t, M, lora, threads);
         add(x, t, M * D);
     }
-    free(h);
-    free(qkv);
-    free(att);
-    free(gu);
-    free(act);
-    free(t);
     return rc; /* KEEL_OK; KEEL_EINVAL or KEEL_ENOMEM from a kernel (-1 when both) */
 }
