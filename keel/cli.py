@@ -151,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     from keel.registry.cli import add_lock_parser, add_store_parsers
     lk = add_lock_parser(sub, _model_args)
     store_parsers = add_store_parsers(sub)
-    for p in (g, c, s, f, e, ei, lk, *store_parsers):
+    from keel.gateway.cli import add_keys_parser
+    ky = add_keys_parser(sub)
+    for p in (g, c, s, f, e, ei, lk, ky, *store_parsers):
         p.formatter_class = _Help
         _log_args(p, argparse.SUPPRESS)
     return parser

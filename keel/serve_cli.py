@@ -25,6 +25,9 @@ def add_serve_parser(sub, model_args) -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1 (prefer $KEEL_API_KEY or --api-key-file: a "
                         "command-line key shows in the process list; none of them: open)")
     s.add_argument("--api-key-file", default=None, metavar="PATH", help="read the API key from this file")
+    s.add_argument("--api-keys", action="store_true",
+                   help="also accept the keys of keel's database (`keel keys create`): each scoped to models and "
+                        "adapters, with rate limits, a token budget and usage; --api-key stays an admin key")
     s.add_argument("--enable-docs", action="store_true",
                    help="serve /docs (keel's own page, works offline) and /openapi.json, open without the API "
                         "key; off by default")
@@ -173,6 +176,11 @@ def _serve(args, sock) -> int:
         from keel.registry.cli import verify
         verify(args.lock, engine, dict(adapters), args.accept_lock_changes)
     roots = None if args.allow_any_lora_path else [*(args.lora_dir or []), *(args.allowed_lora_path or [])]
+    api_keys = None
+    if args.api_keys:
+        from keel.store.db import Database, data_dir, default_url
+        from keel.store.keys import KeyStore
+        api_keys = KeyStore(Database(args.database_url or default_url(args.data_dir or data_dir())))
     fine_tuning = None
     if not args.no_fine_tuning:
         from keel.finetune.jobs import FineTuning, ServedModel
@@ -186,7 +194,7 @@ def _serve(args, sock) -> int:
                      lora_policy=LoRAPolicy(roots=roots, show_paths=args.show_lora_paths),
                      default_max_tokens=args.default_max_tokens or None,
                      request_timeout_s=args.request_timeout or None,
-                     response_store=store, fine_tuning=fine_tuning)
+                     response_store=store, fine_tuning=fine_tuning, api_keys=api_keys)
     print(_summary(engine, name, embedder, sock, args, fine_tuning), file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level=args.log_level.lower(), timeout_graceful_shutdown=args.shutdown_timeout,
                             **uvicorn_settings(limits))

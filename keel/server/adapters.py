@@ -30,7 +30,7 @@ from keel.errors import LoRAError, LoRANotFoundError
 from keel.lora.adapter import check_adapter_name
 from keel.server.body import documented
 from keel.server.errors import APIError, shown
-from keel.server.common import get_state, read_body
+from keel.server.common import get_state, key_of, read_body
 
 router = APIRouter()
 
@@ -106,6 +106,10 @@ async def load_lora_adapter(request: Request):
     state = get_state(request)
     _need_lora(state)
     name = body.lora_name
+    key = key_of(request)
+    if key is not None and not key.allows(name):
+        raise APIError(403, f"This API key may not load an adapter named `{shown(name)}`.", type="permission_error",
+                       code="permission_denied", param="lora_name")
     try:
         check_adapter_name(name)
     except LoRAError as e:
@@ -140,7 +144,10 @@ async def unload_lora_adapter(request: Request):
     body = await read_body(request, UnloadLoRARequest)
     state = get_state(request)
     _need_lora(state)
+    key = key_of(request)
     try:
+        if key is not None and not key.allows(body.lora_name):
+            raise LoRANotFoundError(body.lora_name)  # another tenant's adapter: as if it did not exist
         state.client.adapters.remove(body.lora_name)
     except LoRANotFoundError:
         raise APIError(404, f"The LoRA adapter `{shown(body.lora_name)}` is not loaded.", code="lora_not_found",

@@ -6,7 +6,7 @@ the model is loaded and how the app is run.
 
 from __future__ import annotations
 
-import hmac
+import math
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -26,15 +26,19 @@ from keel.server import fine_tuning as ft_routes
 from keel.server.embeddings import EmbeddingService
 from keel.registry.lock import adapter_fingerprint
 from keel.server.adapters import LoRAPolicy, adapter_cards
-from keel.server.common import get_state
+from keel.gateway.keys import ADMIN, KeyAuth, Limited, RequestUsage
+from keel.server import admin
+from keel.server.common import get_state, key_of
 from keel.server.errors import APIError, context_length_exceeded, model_not_found
 from keel.server.fingerprint import created_time, system_fingerprint
 from keel.server.limits import BodyGuard, ServerLimits
 from keel.server.metrics import Metrics
 from keel.store import ResponseStore
+from starlette.concurrency import run_in_threadpool
 
 if TYPE_CHECKING:
     from keel.finetune.jobs import FineTuning
+    from keel.store.keys import KeyStore
 
 DEFAULT_MAX_WAITING = 256
 # Completion tokens for a request that sets no max_tokens. OpenAI's API would allow the whole rest of
@@ -60,6 +64,7 @@ class ServerState:
     responses: ResponseStore = field(default_factory=ResponseStore)  # stored Responses API responses
     request_timeout_s: float | None = None  # generation time limit per request (None: none)
     fine_tuning: "FineTuning | None" = None  # files and fine-tuning jobs (keel.finetune.jobs); None: turned off
+    auth: KeyAuth = field(default_factory=lambda: KeyAuth(None))  # who may call what (keel.gateway.keys)
     _adapter_fps: dict[str, str] = field(default_factory=dict)
 
     def served_names(self) -> set[str]:
@@ -69,8 +74,11 @@ class ServerState:
     def is_adapter(self, name: str) -> bool:
         return self.client.adapters.path_of(name) is not None
 
-    def check_model(self, name: str) -> str | None:
-        """The adapter a request's `model` names (None: the base model); 404 for anything else."""
+    def check_model(self, name: str, key=None) -> str | None:
+        """The adapter a request's `model` names (None: the base model); 404 for anything else, and for
+        a model outside the scope of the request's API key (its existence is not revealed)."""
+        if key is not None and not key.allows(name):
+            raise model_not_found(name)
         if name == self.served_model_name:
             return None
         if self.is_adapter(name):
@@ -107,15 +115,39 @@ class ServerState:
         return requested
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 arrival: float, adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+                 arrival: float, adapter: str | None = None,
+                 usage: RequestUsage | None = None) -> AsyncIterator[RequestOutput]:
+        """usage: where the request's tokens are counted for its API key (see usage_for)."""
         source = self.client.generate(request_id, prompt_ids, params, adapter=adapter)
         if self.request_timeout_s is not None:
             source = _time_limited(source, self.client, request_id, arrival + self.request_timeout_s)
+        if usage is not None:
+            source = _counted(source, usage, len(prompt_ids))
         return self.metrics.track(source, arrival)
+
+    def usage_for(self, request: Request, model: str, arrival: float) -> RequestUsage | None:
+        key = key_of(request)
+        return None if key is None else RequestUsage(self.auth, key, model, arrival)
 
     def model_card(self) -> dict:
         return {"id": self.served_model_name, "object": "model", "created": self.created, "owned_by": "keel",
                 "root": self.served_model_name, "parent": None, "max_model_len": self.client.info.max_model_len}
+
+
+async def _counted(source: AsyncIterator[RequestOutput], usage: RequestUsage,
+                   prompt_tokens: int) -> AsyncIterator[RequestOutput]:
+    """`source`, its tokens counted in `usage` when it ends (an error counts as one)."""
+    usage.open += 1
+    completion, error = 0, True
+    try:
+        async for out in source:
+            completion = sum(len(o.token_ids) for o in out.outputs)
+            if out.finished:
+                error = out.error is not None
+            yield out
+    finally:
+        usage.finish_one(prompt_tokens, completion, error)
+        await source.aclose()
 
 
 async def _time_limited(source: AsyncIterator[RequestOutput], client: AsyncEngine, request_id: str,
@@ -133,17 +165,48 @@ async def _time_limited(source: AsyncIterator[RequestOutput], client: AsyncEngin
 
 
 async def require_api_key(request: Request) -> None:
-    key = get_state(request).api_key
-    if key is None:
+    """Authenticate the bearer token (the server's --api-key, or a key of the database when --api-keys
+    is on), then apply the key's request and token rate limits and its token budget."""
+    auth = get_state(request).auth
+    if not auth.required:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     challenge = {"WWW-Authenticate": 'Bearer realm="keel"'}
     if scheme.lower() != "bearer" or not token.strip():
         raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
                        code="invalid_api_key", headers=challenge)
-    # constant-time, so response timing does not reveal how much of a guessed key was right
-    if not hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"), key.encode()):
+    token = token.strip()
+    key = auth.authenticate(token) if auth.store is None else await run_in_threadpool(auth.authenticate, token)
+    if key is None:
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key", headers=challenge)
+    request.state.api_key = key
+    if key is ADMIN:
+        return
+    admitted = auth.windows.admit(key)
+    if isinstance(admitted, Limited):
+        raise _limited(admitted)
+    over = await run_in_threadpool(auth.check_budget, key)
+    if over is not None:
+        raise _limited(over)
+    request.state.ratelimit_headers = admitted
+
+
+def _limited(limit: Limited) -> APIError:
+    headers = dict(limit.headers)
+    if limit.retry_after > 0:
+        headers["Retry-After"] = str(max(1, math.ceil(limit.retry_after)))
+    return APIError(429, limit.message, type="requests" if limit.code == "rate_limit_exceeded" else "insufficient_quota",
+                    code=limit.code, headers=headers)
+
+
+async def require_admin(request: Request) -> None:
+    key = key_of(request)
+    if key is not None and not key.admin:
+        raise APIError(403, "This API key cannot manage keys: an admin key (or the server's --api-key) can.",
+                       type="permission_error", code="admin_required")
+    if key is None:
+        raise APIError(403, "Key management needs API keys: start the server with --api-keys and an admin key.",
+                       type="permission_error", code="admin_required")
 
 
 def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None = None,
@@ -152,7 +215,7 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
                limits: ServerLimits | None = None, lora_policy: LoRAPolicy | None = None,
                enable_docs: bool = False, default_max_tokens: int | None = DEFAULT_MAX_TOKENS,
                request_timeout_s: float | None = None, response_store: ResponseStore | None = None,
-               fine_tuning: "FineTuning | None" = None) -> FastAPI:
+               fine_tuning: "FineTuning | None" = None, api_keys: "KeyStore | None" = None) -> FastAPI:
     """embedding_model: served by POST /v1/embeddings under its own name (None: no embeddings).
     allow_lora_updates: POST /v1/load_lora_adapter and /v1/unload_lora_adapter work (when the
     engine serves LoRA adapters); lora_policy says from which folders (by default none: see LoRAPolicy).
@@ -166,14 +229,17 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
     request_timeout_s: a request still generating this many seconds after it arrived is ended as if it
     had reached max_tokens (finish_reason "length"); None: no limit.
     fine_tuning: serves /v1/files and /v1/fine_tuning/jobs; the app starts its job runner and stops it
-    (keel.finetune.jobs.FineTuning; None: those routes answer 404)."""
+    (keel.finetune.jobs.FineTuning; None: those routes answer 404).
+    api_keys: the keys (keel.store.keys.KeyStore) that may call /v1 besides api_key, each scoped to
+    models and adapters, rate-limited and metered; managed under /admin with an admin key."""
 
     client = AsyncEngine(engine, max_waiting=max_waiting, num_threads=engine_threads)
     state = ServerState(engine, client, served_model_name, api_key or None, system_fingerprint(engine),
                         created_time(engine), allow_lora_updates=allow_lora_updates,
                         limits=limits or ServerLimits(), lora_policy=lora_policy or LoRAPolicy(),
                         default_max_tokens=default_max_tokens, request_timeout_s=request_timeout_s,
-                        responses=response_store or ResponseStore(), fine_tuning=fine_tuning)
+                        responses=response_store or ResponseStore(), fine_tuning=fine_tuning,
+                        auth=KeyAuth(api_keys, api_key or None))
     if embedding_model is not None:
         if embedding_model.name == served_model_name:
             raise ValueError(f"the embedding model and the chat model are both named {served_model_name!r}")
@@ -190,6 +256,7 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
         if state.embeddings is not None:
             state.embeddings.shutdown()
         state.responses.close()
+        state.auth.close()
 
     # FastAPI's own /docs and /redoc load their scripts from a CDN (blank offline): keel serves its own
     app = FastAPI(title="keel", version=keel.__version__, lifespan=lifespan, debug=False, docs_url=None,
@@ -211,11 +278,16 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
     async def list_models(request: Request):
         s = get_state(request)
         extra = [s.embeddings.card()] if s.embeddings is not None else []
-        return {"object": "list", "data": [s.model_card(), *extra, *adapter_cards(s)]}
+        key = key_of(request)
+        cards = [c for c in [s.model_card(), *extra, *adapter_cards(s)] if key is None or key.allows(c["id"])]
+        return {"object": "list", "data": cards}
 
     @v1.get("/models/{model_id:path}")
     async def get_model(model_id: str, request: Request):
         s = get_state(request)
+        key = key_of(request)
+        if key is not None and not key.allows(model_id):
+            raise model_not_found(model_id)
         if s.embeddings is not None and model_id == s.embeddings.model.name:
             return s.embeddings.card()
         if s.check_model(model_id) is None:
@@ -223,6 +295,7 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
         return next(c for c in adapter_cards(s) if c["id"] == model_id)
 
     app.include_router(v1)
+    app.include_router(admin.router, prefix="/admin", dependencies=[Depends(require_api_key), Depends(require_admin)])
 
     # /health and /metrics stay open when an API key is set: load balancers and Prometheus scrape
     # them without credentials, and they reveal no prompts or outputs.

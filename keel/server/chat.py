@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from keel.engine.guided import StructuredOutputError
 from keel.outputs import CompletionOutput, Logprob
-from keel.server.common import get_state, now, read_body
+from keel.server.common import get_state, key_of, now, read_body
 from keel.server.body import documented
 from keel.server.errors import context_length_exceeded, from_exception
 from keel.tokenizer import PromptTooLongError
@@ -61,12 +61,13 @@ async def create_chat_completion(request: Request):
     arrival = time.monotonic()
     body = await read_body(request, ChatCompletionRequest)
     state = get_state(request)
-    adapter = state.check_model(body.model)
+    adapter = state.check_model(body.model, key_of(request))
     # templating, tokenizing (seconds for a 5 MB message) and compiling a schema: off the event loop,
     # which serves every other client
     prompt_ids, params, names = await run_in_threadpool(_prepare, state, body)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    fanin = await start(request, [state.generate(request_id, prompt_ids, params, arrival, adapter)])
+    fanin = await start(request, [state.generate(request_id, prompt_ids, params, arrival, adapter,
+                                                  state.usage_for(request, body.model, arrival))])
     head = {"id": request_id, "created": now(), "model": body.model,
             "system_fingerprint": state.fingerprint_for(adapter)}
     if body.stream:

@@ -45,6 +45,11 @@ def _parse_body(raw: bytes, model: type[BaseModel], max_depth: int):
         raise from_validation(e, data) from None
 
 
+def key_of(request: Request):
+    """The API key (keel.store.keys.APIKey) the request authenticated with; None when the server needs none."""
+    return getattr(request.state, "api_key", None)
+
+
 def now() -> int:
     return int(time.time())
 

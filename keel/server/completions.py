@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from keel.outputs import CompletionOutput, RequestOutput
-from keel.server.common import get_state, now, read_body
+from keel.server.common import get_state, key_of, now, read_body
 from keel.server.chat import finish_reason, visible_logprobs
 from keel.server.body import documented
 from keel.server.errors import context_length_exceeded, from_exception
@@ -69,7 +69,7 @@ async def create_completion(request: Request):
     arrival = time.monotonic()
     body = await read_body(request, CompletionRequest)
     state = get_state(request)
-    adapter = state.check_model(body.model)
+    adapter = state.check_model(body.model, key_of(request))
     tok = state.client.info.tokenizer
     prompts = body.prompts
     ids, params = await run_in_threadpool(_prepare, state, body, prompts)
@@ -79,7 +79,8 @@ async def create_completion(request: Request):
               for p in prompts]
     include_stop = bool(body.include_stop_str_in_output)
     choices = [_Choice(echoes[k // n], include_stop) for k in range(len(prompts) * n)]
-    fanin = await start(request, [state.generate(f"{request_id}-{k}", p, params[k], arrival, adapter)
+    metered = state.usage_for(request, body.model, arrival)
+    fanin = await start(request, [state.generate(f"{request_id}-{k}", p, params[k], arrival, adapter, metered)
                                   for k, p in enumerate(ids)])
     head = {"id": request_id, "object": "text_completion", "created": now(), "model": body.model,
             "system_fingerprint": state.fingerprint_for(adapter)}

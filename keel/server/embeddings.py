@@ -30,7 +30,7 @@ from keel.server.body import documented
 from keel.server.errors import APIError, model_not_found
 from keel.server.protocol import _Strict
 from keel.server.streaming import unless_disconnected
-from keel.server.common import get_state, read_body
+from keel.server.common import get_state, key_of, read_body
 
 router = APIRouter()
 
@@ -122,6 +122,9 @@ async def create_embeddings(request: Request):
     body = await read_body(request, EmbeddingRequest)
     state = get_state(request)
     service: EmbeddingService | None = state.embeddings
+    key = key_of(request)
+    if key is not None and not key.allows(body.model):
+        raise model_not_found(body.model)
     if service is None or body.model != service.model.name:
         if body.model == state.served_model_name or state.is_adapter(body.model):
             hint = f" This server's embedding model is `{service.model.name}`." if service else \

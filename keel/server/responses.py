@@ -28,7 +28,7 @@ from keel.server.responses_items import (ResponsesRequest, call_item, chat_reque
                                          new_id, output_items)
 from keel.server.streaming import STREAM_HEADERS, Fanin, start, unless_disconnected
 from keel.server.tools import ToolCallStream, parse_tool_calls
-from keel.server.common import get_state, read_body
+from keel.server.common import get_state, key_of, read_body
 
 router = APIRouter()
 
@@ -82,7 +82,7 @@ async def create_response(request: Request):
     arrival = time.monotonic()
     body = await read_body(request, ResponsesRequest)
     state = get_state(request)
-    adapter = state.check_model(body.model)
+    adapter = state.check_model(body.model, key_of(request))
     store = _store(request)
     history = []
     if body.previous_response_id is not None:
@@ -94,7 +94,8 @@ async def create_response(request: Request):
     chat, input_items, new_messages = chat_request(body, history)
     prompt_ids, params, names = await run_in_threadpool(_prepare, state, chat)
     response_id = new_id("resp")
-    fanin = await start(request, [state.generate(f"{response_id}-0", prompt_ids, params, arrival, adapter)])
+    fanin = await start(request, [state.generate(f"{response_id}-0", prompt_ids, params, arrival, adapter,
+                                                  state.usage_for(request, body.model, arrival))])
     resp = _head(body, response_id, int(time.time()))
     fingerprint = state.fingerprint_for(adapter)
     conversation = history + new_messages

@@ -1,4 +1,5 @@
-"""The platform's database: uploaded files and fine-tuning jobs (their events and checkpoints).
+"""The platform's database: uploaded files, fine-tuning jobs (their events and checkpoints), API keys and
+their usage.
 
 SQLAlchemy Core over SQLite by default (a file under keel's data folder, WAL so the training worker
 process and the server read and write it at once); any other SQLAlchemy URL (Postgres) by setting.
@@ -74,6 +75,33 @@ checkpoints = sa.Table(
     sa.Column("step_number", sa.Integer, nullable=False),
     sa.Column("metrics", sa.Text, nullable=False),  # JSON
     sa.Column("path", sa.Text, nullable=False),  # the checkpoint folder (adapter + trainer state)
+)
+
+api_keys = sa.Table(
+    "api_keys", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),  # "key-..." : shown, never a credential
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False, unique=True),  # sha256 of the secret; the secret is not kept
+    sa.Column("hint", sa.String(16), nullable=False),  # the secret's last characters, to tell keys apart
+    sa.Column("created_at", sa.Integer, nullable=False),
+    sa.Column("revoked_at", sa.Integer),
+    sa.Column("admin", sa.Boolean, nullable=False, default=False),
+    sa.Column("models", sa.Text),  # JSON list of model / adapter name patterns; NULL: every model
+    sa.Column("rpm", sa.Integer),  # requests per minute; NULL: no limit
+    sa.Column("tpm", sa.Integer),  # tokens (prompt + completion) per minute
+    sa.Column("budget_tokens", sa.Integer),  # tokens over the key's life
+)
+
+key_usage = sa.Table(
+    "api_key_usage", metadata,
+    sa.Column("key_id", sa.String(64), sa.ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("model", sa.String(512), primary_key=True),
+    sa.Column("requests", sa.Integer, nullable=False, default=0),
+    sa.Column("errors", sa.Integer, nullable=False, default=0),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False, default=0),
+    sa.Column("completion_tokens", sa.Integer, nullable=False, default=0),
+    sa.Column("latency_ms", sa.Float, nullable=False, default=0.0),  # summed over requests
 )
 
 

@@ -1,0 +1,58 @@
+"""`keel keys create|list|revoke|usage`: API keys in keel's database (what `keel serve --api-keys` accepts)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_keys_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("keys", help="create, list and revoke API keys; show their usage")
+    p.add_argument("--data-dir", default=None, metavar="DIR", help="keel's data folder ($KEEL_DATA_DIR)")
+    p.add_argument("--database-url", default=None, metavar="URL", help="the database ($KEEL_DATABASE_URL)")
+    ks = p.add_subparsers(dest="keys_command", required=True)
+    c = ks.add_parser("create", help="a new key: its secret is printed once and never stored")
+    c.add_argument("name", help="what the key is for (a tenant, an app)")
+    c.add_argument("--models", default=None, metavar="PATTERNS",
+                   help="comma-separated model and adapter names it may see and call; * matches any text "
+                        "(acme-*); default: every model")
+    c.add_argument("--rpm", type=int, default=None, help="requests per minute (default: no limit)")
+    c.add_argument("--tpm", type=int, default=None, help="tokens per minute, prompt and completion (default: no limit)")
+    c.add_argument("--budget", type=int, default=None, metavar="TOKENS", help="tokens over the key's life")
+    c.add_argument("--admin", action="store_true", help="may manage keys through /admin and call every model")
+    ks.add_parser("list", help="the keys (secrets are never shown again)").add_argument(
+        "--all", action="store_true", help="revoked keys too")
+    r = ks.add_parser("revoke", help="revoke a key: it fails at once")
+    r.add_argument("key_id")
+    u = ks.add_parser("usage", help="requests, errors, tokens and latency per key and model")
+    u.add_argument("key_id", nargs="?")
+    p.set_defaults(func=cmd_keys)
+    return p
+
+
+def cmd_keys(args) -> int:
+    from keel.errors import KeelError
+    from keel.store.db import Database, data_dir, default_url
+    from keel.store.keys import KeyStore
+    store = KeyStore(Database(args.database_url or default_url(args.data_dir or data_dir())))
+    cmd = args.keys_command
+    if cmd == "create":
+        models = None if args.models is None else [m.strip() for m in args.models.split(",") if m.strip()]
+        try:
+            key, secret = store.create(args.name, models, args.rpm, args.tpm, args.budget, args.admin)
+        except ValueError as e:
+            raise KeelError(str(e)) from None
+        print(json.dumps(key.card()), file=sys.stderr)
+        print(secret)  # alone on stdout, so `KEY=$(keel keys create NAME)` captures it
+    elif cmd == "list":
+        for key in store.list(include_revoked=args.all):
+            print(json.dumps(key.card()))
+    elif cmd == "revoke":
+        if not store.revoke(args.key_id):
+            raise KeelError(f"no live key {args.key_id}")
+        print(f"keel: revoked {args.key_id}", file=sys.stderr)
+    else:
+        for r in store.usage(args.key_id):
+            print(json.dumps(r))
+    return 0
