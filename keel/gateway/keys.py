@@ -87,6 +87,7 @@ class KeyAuth:
     def __init__(self, store: KeyStore | None, static_key: str | None = None) -> None:
         self.store, self.static_key = store, static_key
         self.windows = RateWindows()
+        self.on_record = None  # called with (key_id, model, prompt, completion, error) for each metered request
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="keel-usage")
 
     def record(self, key: APIKey, model: str, prompt_tokens: int, completion_tokens: int, error: bool,
@@ -94,6 +95,8 @@ class KeyAuth:
         """Count one request's tokens in the key's rate window now and in its stored usage soon (one
         writer thread, in order, off the event loop)."""
         self.windows.add_tokens(key.id, prompt_tokens + completion_tokens)
+        if self.on_record is not None:
+            self.on_record(key.id, model, prompt_tokens, completion_tokens, error)
         if self.store is not None and key is not ADMIN:
             self._writer.submit(self.store.record, key.id, model, prompt_tokens, completion_tokens, error, latency_ms)
 

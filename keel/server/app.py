@@ -240,6 +240,7 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
                         default_max_tokens=default_max_tokens, request_timeout_s=request_timeout_s,
                         responses=response_store or ResponseStore(), fine_tuning=fine_tuning,
                         auth=KeyAuth(api_keys, api_key or None))
+    state.auth.on_record = state.metrics.key_usage
     if embedding_model is not None:
         if embedding_model.name == served_model_name:
             raise ValueError(f"the embedding model and the chat model are both named {served_model_name!r}")

@@ -75,9 +75,18 @@ class Metrics:
                                 ["finish_reason"], registry=reg)
         for reason in FINISH_REASONS:
             self.finished.labels(reason)  # every reason shows, at 0 until it happens
+        self.key_requests = Counter("keel_api_key_requests", "Requests per API key (its id, never the secret) "
+                                    "and model, by outcome.", ["key_id", "model", "outcome"], registry=reg)
+        self.key_tokens = Counter("keel_api_key_tokens", "Tokens per API key and model, prompt and completion.",
+                                  ["key_id", "model", "kind"], registry=reg)
         self._engine = _EngineState()
         reg.register(self._engine)
         ProcessCollector(registry=reg)
+
+    def key_usage(self, key_id: str, model: str, prompt_tokens: int, completion_tokens: int, error: bool) -> None:
+        self.key_requests.labels(key_id, model, "error" if error else "ok").inc()
+        self.key_tokens.labels(key_id, model, "prompt").inc(prompt_tokens)
+        self.key_tokens.labels(key_id, model, "completion").inc(completion_tokens)
 
     async def track(self, source: AsyncIterator[RequestOutput], arrival: float) -> AsyncIterator[RequestOutput]:
         """Passes one engine request's outputs through, recording its latencies and token counts.

@@ -126,6 +126,9 @@ def test_usage_totals_equal_the_responses_usage_and_budgets_stop_a_key(env):
     assert (row["model"], row["requests"], row["errors"]) == (BASE, 3, 0)
     assert [row["prompt_tokens"], row["completion_tokens"]] == total
     assert row["latency_ms"] > 0
+    m = server.metrics()
+    assert m[f'keel_api_key_tokens_total{{key_id="{key.id}",kind="completion",model="{BASE}"}}'] == total[1]
+    assert m[f'keel_api_key_requests_total{{key_id="{key.id}",model="{BASE}",outcome="ok"}}'] == 3
     assert sum(total) < 60
     while store.tokens_used(key.id) < 60:  # spend the rest of the budget
         c.completions.create(model=BASE, prompt=PROMPT, max_tokens=8)
