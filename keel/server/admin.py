@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -15,7 +17,8 @@ router = APIRouter(include_in_schema=False)
 class CreateKeyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=128)
-    models: list[str] | None = None  # name patterns (fnmatch); None: every model
+    models: list[Annotated[str, Field(min_length=1, max_length=512)]] | None = Field(default=None, max_length=1024)
+    """Model and adapter name patterns (fnmatch); None: every model."""
     rpm: int | None = Field(default=None, gt=0)
     tpm: int | None = Field(default=None, gt=0)
     budget_tokens: int | None = Field(default=None, gt=0)

@@ -155,7 +155,10 @@ def test_admin_endpoints_manage_keys(env):
         assert h.get("/v1/models", headers=tenant).status_code == 401
         assert h.delete(f"/admin/keys/{made['id']}", headers=admin).status_code == 404
         assert h.get("/admin/usage", headers=admin).status_code == 200
-        assert h.post("/admin/keys", json={"name": ""}, headers=admin).status_code == 400
+        for bad in ({"name": ""}, {"name": "x", "rpm": 0}, {"name": "x", "models": [""]}, {"name": "x", "extra": 1},
+                    {"name": "x", "models": ["a" * 600]}):
+            r = h.post("/admin/keys", json=bad, headers=admin)
+            assert r.status_code == 400 and r.json()["error"]["message"], bad
 
 
 def test_the_server_key_still_works_and_sees_everything(env):
