@@ -311,7 +311,7 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
     async def landing(request: Request):
         s = get_state(request)
         models = [s.served_model_name, *([s.embeddings.model.name] if s.embeddings else [])]
-        return HTMLResponse(pages.landing(keel.__version__, models, enable_docs, s.api_key is not None))
+        return HTMLResponse(pages.landing(keel.__version__, models, enable_docs, s.auth.required))
 
     if enable_docs:
         @app.get("/docs", include_in_schema=False)
