@@ -151,9 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     from keel.registry.cli import add_lock_parser, add_store_parsers
     lk = add_lock_parser(sub, _model_args)
     store_parsers = add_store_parsers(sub)
-    from keel.gateway.cli import add_keys_parser
+    from keel.gateway.cli import add_gateway_parser, add_keys_parser
     ky = add_keys_parser(sub)
-    for p in (g, c, s, f, e, ei, lk, ky, *store_parsers):
+    gw = add_gateway_parser(sub)
+    for p in (g, c, s, f, e, ei, lk, ky, gw, *store_parsers):
         p.formatter_class = _Help
         _log_args(p, argparse.SUPPRESS)
     return parser
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("generate: give the model once, as MODEL or --model")
             args.model = args.words[0]
         args.prompt = args.words[-1]
-    level = getattr(args, "log_level", None) or ("INFO" if args.command == "serve" else "WARNING")
+    level = getattr(args, "log_level", None) or ("INFO" if args.command in ("serve", "gateway") else "WARNING")
     if getattr(args, "quiet", False):
         level = "WARNING"
     args.log_level = level

@@ -1,4 +1,5 @@
-"""`keel keys create|list|revoke|usage`: API keys in keel's database (what `keel serve --api-keys` accepts)."""
+"""`keel keys create|list|revoke|usage`: API keys in keel's database (what `keel serve --api-keys` accepts);
+`keel gateway --config gateway.yaml`: one OpenAI endpoint in front of several backends, with failover."""
 
 from __future__ import annotations
 
@@ -55,4 +56,46 @@ def cmd_keys(args) -> int:
     else:
         for r in store.usage(args.key_id):
             print(json.dumps(r))
+    return 0
+
+
+def add_gateway_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("gateway", help="serve one OpenAI endpoint in front of several backends, with failover",
+                       usage="keel gateway --config gateway.yaml [--host H] [--port P]")
+    p.add_argument("--config", required=True, metavar="PATH",
+                   help="model aliases and their backends (YAML; see keel/gateway/config.py)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on")
+    p.add_argument("--api-key-file", default=None, metavar="PATH",
+                   help="require 'Authorization: Bearer KEY' with the key in this file ($KEEL_API_KEY also works)")
+    p.set_defaults(func=cmd_gateway)
+    return p
+
+
+def cmd_gateway(args) -> int:
+    import os
+
+    import uvicorn
+
+    from keel.gateway.config import load
+    from keel.gateway.proxy import create_gateway_app
+    from keel.serve_cli import _bind
+    settings = load(args.config)
+    key = None
+    if args.api_key_file:
+        from keel.errors import KeelError
+        try:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                key = f.read().strip() or None
+        except OSError as e:
+            raise KeelError(f"--api-key-file {args.api_key_file}: cannot read it ({e.strerror or e})") from None
+    key = key or os.environ.get("KEEL_API_KEY") or None
+    sock = _bind(args.host, args.port)
+    try:
+        app = create_gateway_app(settings, key)
+        aliases = ", ".join(f"{a} -> {len(s.backends)} backend(s)" for a, s in settings.models.items())
+        print(f"keel gateway: {aliases}; listening on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level=args.log_level.lower())).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0

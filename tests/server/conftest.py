@@ -57,7 +57,7 @@ class LiveServer:
     def __init__(self, app, **config) -> None:
         """config: more uvicorn.Config settings (keel.server.limits.uvicorn_settings, say)."""
         self.app = app
-        self.state = app.state.keel
+        self.state = getattr(app.state, "keel", None)
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]

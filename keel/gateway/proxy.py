@@ -1,0 +1,187 @@
+"""The gateway's HTTP app: OpenAI's API in front of several backends, with failover.
+
+A request goes to its model's backends in order (keel.gateway.backends.Router.candidates). A connection
+error, a timeout, a 429 or a 5xx, or the backend found down by its health check, before the first byte
+of the answer reaches the client: the next backend is tried (after a short backoff), invisibly. After
+the first byte, a streamed answer that breaks ends with an error event (`data: {"error": ...}`), which the
+OpenAI SDKs raise: the gateway never splices text from another backend into an answer. Other 4xx answers
+are the client's mistake and are passed on as they are. Each answer names its backend in
+`x-keel-backend`; `system_fingerprint` stays the backend's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from keel.gateway.backends import Backend, Router
+from keel.gateway.config import GatewayConfig
+
+log = logging.getLogger("keel.gateway")
+ROUTES = ("/chat/completions", "/completions", "/embeddings", "/responses")
+RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+class _Down(Exception):
+    """The backend's health check found it down while a request waited on it."""
+
+
+def _error(status: int, message: str, code: str, type_: str = "invalid_request_error", param=None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status)
+
+
+async def _unless_down(coro, backend: Backend, timeout: float):
+    """Await coro, or raise _Down when the backend goes down first, or TimeoutError after `timeout`."""
+    task = asyncio.ensure_future(coro)
+    down = asyncio.ensure_future(backend.down.wait())
+    try:
+        done, _ = await asyncio.wait({task, down}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        if down in done:
+            raise _Down(backend.label)
+        raise TimeoutError
+    finally:
+        down.cancel()
+
+
+def create_gateway_app(settings: GatewayConfig, api_key: str | None = None) -> FastAPI:
+    router = Router(settings)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    state = {"client": None}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(None, connect=5.0)) as client:
+            state["client"] = client
+            health = asyncio.create_task(router.health_loop(client))
+            yield
+            health.cancel()
+
+    app = FastAPI(title="keel gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.router = router
+
+    def authorized(request: Request) -> bool:
+        if api_key is None:
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"),
+                                                                  api_key.encode())
+
+    @app.get("/health")
+    async def health():
+        up = [b.label for b in router.backends.values() if b.healthy]
+        return JSONResponse({"status": "ok" if up else "error", "backends_up": up}, status_code=200 if up else 503)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        if not authorized(request):
+            return _error(401, "Incorrect API key provided.", "invalid_api_key")
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "keel"}
+                                           for n in router.served_names()]}
+
+    for path in ROUTES:
+        app.add_api_route("/v1" + path, _make_route(path, router, state, authorized), methods=["POST"])
+    return app
+
+
+def _make_route(path: str, router: Router, state: dict, authorized):
+    async def route(request: Request):
+        if not authorized(request):
+            return _error(401, "Incorrect API key provided.", "invalid_api_key")
+        try:
+            body = json.loads(await request.body())
+            model = body["model"]
+            assert isinstance(body, dict) and isinstance(model, str)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            return _error(400, "The body must be a JSON object with a `model` string.", "invalid_request", param="model")
+        return await _forward(path, body, model, bool(body.get("stream")), router, state["client"])
+    return route
+
+
+async def _forward(path: str, body: dict, model: str, stream: bool, router: Router, client: httpx.AsyncClient):
+    candidates = router.candidates(model)
+    if not candidates:
+        return _error(404, f"The model `{model}` does not exist or you do not have access to it.", "model_not_found",
+                      param="model")
+    settings = router.settings
+    deadline = time.monotonic() + router.timeout_for(model)
+    last = "no backend answered"
+    for attempt in range(settings.retries + 1):
+        backend, upstream = candidates[attempt % len(candidates)]
+        if attempt:
+            await asyncio.sleep(min(settings.backoff_s * 2 ** (attempt - 1), max(0.0, deadline - time.monotonic())))
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        backend.in_flight += 1
+        done = False
+        try:
+            req = client.build_request("POST", backend.url + path, json={**body, "model": upstream},
+                                       headers=backend.headers())
+            resp = await _unless_down(client.send(req, stream=True), backend, left)
+            if resp.status_code in RETRY_STATUS:
+                text = (await resp.aread())[:300].decode(errors="replace")
+                await resp.aclose()
+                last = f"{backend.label} answered {resp.status_code}: {text}"
+                if resp.status_code != 429:
+                    backend.failed(f"HTTP {resp.status_code}")
+                continue
+            headers = {"x-keel-backend": backend.label}
+            if not stream or resp.status_code != 200:
+                content = await _unless_down(resp.aread(), backend, deadline - time.monotonic())
+                await resp.aclose()
+                backend.succeeded()
+                return Response(content, resp.status_code, headers=headers,
+                                media_type=resp.headers.get("content-type", "application/json"))
+            chunks = resp.aiter_raw()
+            first = await _unless_down(chunks.__anext__(), backend, deadline - time.monotonic())
+            backend.succeeded()
+            done = True  # the relay owns the response and the in-flight count from here
+            return StreamingResponse(_relay(first, chunks, resp, backend), headers=headers,
+                                     media_type="text/event-stream")
+        except (httpx.HTTPError, _Down, TimeoutError, StopAsyncIteration) as e:
+            last = f"{backend.label}: {type(e).__name__} {e}".strip()
+            backend.failed(type(e).__name__)
+        finally:
+            if not done:
+                backend.in_flight -= 1
+    return _error(503, f"No backend could serve `{model}` ({last}). Retry later.", "backends_unavailable",
+                  type_="server_error")
+
+
+async def _relay(first: bytes, chunks, resp: httpx.Response, backend: Backend):
+    """The stream's bytes as they come; if the backend breaks, an error event the SDKs raise, then the end."""
+    watcher = asyncio.create_task(_close_when_down(resp, backend))
+    tail = first
+    try:
+        yield first
+        async for chunk in chunks:
+            tail = chunk
+            yield chunk
+    except (httpx.HTTPError, RuntimeError) as e:
+        backend.failed(f"mid-stream {type(e).__name__}")
+        sep = b"" if tail.endswith(b"\n\n") else b"\n\n"  # never leave half an event before the error
+        err = {"error": {"message": f"The backend {backend.label} failed while streaming this answer; what came "
+                                    f"before is all there is. Retry the request.", "type": "server_error",
+                         "param": None, "code": "backend_failed_mid_stream"}}
+        yield sep + b"data: " + json.dumps(err).encode() + b"\n\n"
+    finally:
+        watcher.cancel()
+        backend.in_flight -= 1
+        await resp.aclose()
+
+
+async def _close_when_down(resp: httpx.Response, backend: Backend) -> None:
+    await backend.down.wait()
+    await resp.aclose()
