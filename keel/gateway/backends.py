@@ -23,7 +23,9 @@ class Backend:
         self.in_flight = 0
         self.failures = 0  # consecutive
         self.open_until = 0.0
-        self.down = asyncio.Event()  # set when the backend is found down: requests on it stop waiting
+        self.down = asyncio.Event()  # set when the backend is found down: streams from it end
+        self.waiting: set[asyncio.Task] = set()  # tasks awaiting this backend's answer (see proxy._unless_down)
+        self.cut: set[asyncio.Task] = set()  # those cancelled because it went down
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -53,6 +55,9 @@ class Backend:
             self.succeeded()
         else:
             self.down.set()
+            for task in list(self.waiting):
+                self.cut.add(task)
+                task.cancel()
 
 
 class Router:

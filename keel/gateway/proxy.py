@@ -39,20 +39,22 @@ def _error(status: int, message: str, code: str, type_: str = "invalid_request_e
                         status_code=status)
 
 
-async def _unless_down(coro, backend: Backend, timeout: float):
-    """Await coro, or raise _Down when the backend goes down first, or TimeoutError after `timeout`."""
-    task = asyncio.ensure_future(coro)
-    down = asyncio.ensure_future(backend.down.wait())
+async def _unless_down(aw, backend: Backend, timeout: float):
+    """Await `aw`, or raise _Down when the backend's health check finds it down first (it cancels the
+    tasks waiting on it: keel.gateway.backends.Backend.mark), or TimeoutError after `timeout`. No task is
+    created: this is on every request's path."""
+    task = asyncio.current_task()
+    backend.waiting.add(task)
     try:
-        done, _ = await asyncio.wait({task, down}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        task.cancel()
-        if down in done:
-            raise _Down(backend.label)
-        raise TimeoutError
+        async with asyncio.timeout(timeout):
+            return await aw
+    except asyncio.CancelledError:
+        if task in backend.cut and task.uncancel() == 0:
+            raise _Down(backend.label) from None
+        raise
     finally:
-        down.cancel()
+        backend.waiting.discard(task)
+        backend.cut.discard(task)
 
 
 def create_gateway_app(settings: GatewayConfig, api_key: str | None = None) -> FastAPI:
@@ -99,17 +101,19 @@ def _make_route(path: str, router: Router, state: dict, authorized):
     async def route(request: Request):
         if not authorized(request):
             return _error(401, "Incorrect API key provided.", "invalid_api_key")
+        raw = await request.body()
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
             model = body["model"]
             assert isinstance(body, dict) and isinstance(model, str)
         except (ValueError, KeyError, TypeError, AssertionError):
             return _error(400, "The body must be a JSON object with a `model` string.", "invalid_request", param="model")
-        return await _forward(path, body, model, bool(body.get("stream")), router, state["client"])
+        return await _forward(path, raw, body, model, bool(body.get("stream")), router, state["client"])
     return route
 
 
-async def _forward(path: str, body: dict, model: str, stream: bool, router: Router, client: httpx.AsyncClient):
+async def _forward(path: str, raw: bytes, body: dict, model: str, stream: bool, router: Router,
+                   client: httpx.AsyncClient):
     candidates = router.candidates(model)
     if not candidates:
         return _error(404, f"The model `{model}` does not exist or you do not have access to it.", "model_not_found",
@@ -127,8 +131,9 @@ async def _forward(path: str, body: dict, model: str, stream: bool, router: Rout
         backend.in_flight += 1
         done = False
         try:
-            req = client.build_request("POST", backend.url + path, json={**body, "model": upstream},
-                                       headers=backend.headers())
+            content = raw if upstream == model else json.dumps({**body, "model": upstream}).encode()
+            req = client.build_request("POST", backend.url + path, content=content,
+                                       headers={"content-type": "application/json", **backend.headers()})
             resp = await _unless_down(client.send(req, stream=True), backend, left)
             if resp.status_code in RETRY_STATUS:
                 text = (await resp.aread())[:300].decode(errors="replace")
