@@ -28,6 +28,7 @@ from keel.gateway.config import GatewayConfig
 log = logging.getLogger("keel.gateway")
 ROUTES = ("/chat/completions", "/completions", "/embeddings", "/responses")
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+MAX_BODY_BYTES = 32 * 2**20  # as keel serve's --max-request-bytes default
 
 
 class _Down(Exception):
@@ -101,7 +102,14 @@ def _make_route(path: str, router: Router, state: dict, authorized):
     async def route(request: Request):
         if not authorized(request):
             return _error(401, "Incorrect API key provided.", "invalid_api_key")
-        raw = await request.body()
+        declared = request.headers.get("content-length", "0")
+        if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
+            return _error(413, f"The request body is over {MAX_BODY_BYTES} bytes.", "request_too_large")
+        raw = b""
+        async for part in request.stream():  # chunked bodies too: stop as soon as one is too large
+            raw += part
+            if len(raw) > MAX_BODY_BYTES:
+                return _error(413, f"The request body is over {MAX_BODY_BYTES} bytes.", "request_too_large")
         try:
             body = json.loads(raw)
             model = body["model"]

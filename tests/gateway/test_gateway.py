@@ -135,6 +135,21 @@ def test_names_learned_from_backends_and_unknown_models(fakes):
             c.chat.completions.create(model="nobody-serves-this", messages=MSG)
 
 
+def test_bad_and_oversized_bodies_are_refused_and_the_gateway_goes_on(fakes, monkeypatch):
+    import keel.gateway.proxy as proxy
+    a, b, ua, ub = fakes
+    monkeypatch.setattr(proxy, "MAX_BODY_BYTES", 10_000)
+    with gateway([{"url": ua, "model": "up-model"}]) as g, g.http() as h:
+        for body, status in ((b"{not json", 400), (b'{"messages": []}', 400), (b'["model"]', 400),
+                             (b'{"model": 5}', 400), (b'{"model": "chat", "x": "' + b"y" * 20_000 + b'"}', 413)):
+            r = h.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == status and r.json()["error"]["message"], body[:40]
+        r = h.post("/v1/chat/completions", content=(b"x" * 4096 for _ in range(5)))  # chunked, over the limit
+        assert r.status_code == 413
+        assert not a.calls
+        assert g.client().chat.completions.create(model="chat", messages=MSG).choices[0].message.content == "from a"
+
+
 def test_all_backends_failing_is_a_503_naming_the_last_error(fakes):
     a, b, ua, ub = fakes
     a.mode = b.mode = "500"
