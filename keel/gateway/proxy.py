@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from keel.gateway.backends import Backend, Router
 from keel.gateway.config import GatewayConfig
+from keel.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("keel.gateway")
 ROUTES = ("/chat/completions", "/completions", "/embeddings", "/responses")
@@ -60,6 +61,7 @@ async def _unless_down(aw, backend: Backend, timeout: float):
 
 def create_gateway_app(settings: GatewayConfig, api_key: str | None = None) -> FastAPI:
     router = Router(settings)
+    metrics = GatewayMetrics(router)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
     state = {"client": None}
 
@@ -73,6 +75,11 @@ def create_gateway_app(settings: GatewayConfig, api_key: str | None = None) -> F
 
     app = FastAPI(title="keel gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.router = router
+    app.state.metrics = metrics
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def authorized(request: Request) -> bool:
         if api_key is None:
@@ -94,11 +101,11 @@ def create_gateway_app(settings: GatewayConfig, api_key: str | None = None) -> F
                                            for n in router.served_names()]}
 
     for path in ROUTES:
-        app.add_api_route("/v1" + path, _make_route(path, router, state, authorized), methods=["POST"])
+        app.add_api_route("/v1" + path, _make_route(path, router, metrics, state, authorized), methods=["POST"])
     return app
 
 
-def _make_route(path: str, router: Router, state: dict, authorized):
+def _make_route(path: str, router: Router, metrics: GatewayMetrics, state: dict, authorized):
     async def route(request: Request):
         if not authorized(request):
             return _error(401, "Incorrect API key provided.", "invalid_api_key")
@@ -116,12 +123,12 @@ def _make_route(path: str, router: Router, state: dict, authorized):
             assert isinstance(body, dict) and isinstance(model, str)
         except (ValueError, KeyError, TypeError, AssertionError):
             return _error(400, "The body must be a JSON object with a `model` string.", "invalid_request", param="model")
-        return await _forward(path, raw, body, model, bool(body.get("stream")), router, state["client"])
+        return await _forward(path, raw, body, model, bool(body.get("stream")), router, metrics, state["client"])
     return route
 
 
 async def _forward(path: str, raw: bytes, body: dict, model: str, stream: bool, router: Router,
-                   client: httpx.AsyncClient):
+                   metrics: GatewayMetrics, client: httpx.AsyncClient):
     candidates = router.candidates(model)
     if not candidates:
         return _error(404, f"The model `{model}` does not exist or you do not have access to it.", "model_not_found",
@@ -147,6 +154,7 @@ async def _forward(path: str, raw: bytes, body: dict, model: str, stream: bool, 
                 text = (await resp.aread())[:300].decode(errors="replace")
                 await resp.aclose()
                 last = f"{backend.label} answered {resp.status_code}: {text}"
+                metrics.failovers.labels(model, backend.label, f"status {resp.status_code}").inc()
                 if resp.status_code != 429:
                     backend.failed(f"HTTP {resp.status_code}")
                 continue
@@ -155,26 +163,34 @@ async def _forward(path: str, raw: bytes, body: dict, model: str, stream: bool, 
                 content = await _unless_down(resp.aread(), backend, deadline - time.monotonic())
                 await resp.aclose()
                 backend.succeeded()
+                metrics.answers.labels(model, backend.label, "ok" if resp.status_code < 400 else "client_error").inc()
                 return Response(content, resp.status_code, headers=headers,
                                 media_type=resp.headers.get("content-type", "application/json"))
             chunks = resp.aiter_raw()
             first = await _unless_down(chunks.__anext__(), backend, deadline - time.monotonic())
             backend.succeeded()
             done = True  # the relay owns the response and the in-flight count from here
-            return StreamingResponse(_relay(first, chunks, resp, backend), headers=headers,
+            outcomes = (metrics.answers.labels(model, backend.label, "ok"),
+                        metrics.answers.labels(model, backend.label, "mid_stream_error"))
+            return StreamingResponse(_relay(first, chunks, resp, backend, *outcomes), headers=headers,
                                      media_type="text/event-stream")
         except (httpx.HTTPError, _Down, TimeoutError, StopAsyncIteration) as e:
             last = f"{backend.label}: {type(e).__name__} {e}".strip()
             backend.failed(type(e).__name__)
+            reason = "down" if isinstance(e, _Down) else "timeout" if isinstance(e, (TimeoutError, httpx.TimeoutException)) \
+                else "connection"
+            metrics.failovers.labels(model, backend.label, reason).inc()
         finally:
             if not done:
                 backend.in_flight -= 1
+    metrics.answers.labels(model, "none", "unavailable").inc()
     return _error(503, f"No backend could serve `{model}` ({last}). Retry later.", "backends_unavailable",
                   type_="server_error")
 
 
-async def _relay(first: bytes, chunks, resp: httpx.Response, backend: Backend):
-    """The stream's bytes as they come; if the backend breaks, an error event the SDKs raise, then the end."""
+async def _relay(first: bytes, chunks, resp: httpx.Response, backend: Backend, ok, broken):
+    """The stream's bytes as they come; if the backend breaks, an error event the SDKs raise, then the end.
+    ok, broken: the counters of the two outcomes."""
     watcher = asyncio.create_task(_close_when_down(resp, backend))
     tail = first
     try:
@@ -182,7 +198,9 @@ async def _relay(first: bytes, chunks, resp: httpx.Response, backend: Backend):
         async for chunk in chunks:
             tail = chunk
             yield chunk
+        ok.inc()
     except (httpx.HTTPError, RuntimeError) as e:
+        broken.inc()
         backend.failed(f"mid-stream {type(e).__name__}")
         sep = b"" if tail.endswith(b"\n\n") else b"\n\n"  # never leave half an event before the error
         err = {"error": {"message": f"The backend {backend.label} failed while streaming this answer; what came "

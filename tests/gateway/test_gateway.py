@@ -62,6 +62,24 @@ def test_failover_before_the_first_byte_is_invisible(fakes):
             assert text.strip() in ("from a", "from b")
 
 
+def test_metrics_count_answers_failovers_and_backend_state(fakes):
+    a, b, ua, ub = fakes
+    with gateway([{"url": ua, "model": "up-model", "name": "a"},
+                  {"url": ub, "model": "up-model", "name": "b", "priority": 1}], circuit_failures=2) as g:
+        a.mode = "500"
+        c = g.client()
+        for stream in (False, False, True):
+            out = c.chat.completions.create(model="chat", messages=MSG, stream=stream)
+            if stream:
+                list(out)
+        m = {k: float(v) for k, v in (line.rsplit(" ", 1) for line in g.http().get("/metrics").text.splitlines()
+                                      if line and not line.startswith("#"))}
+        assert m['keel_gateway_failovers_total{backend="a",model="chat",reason="status 500"}'] == 2
+        assert m['keel_gateway_answers_total{backend="b",model="chat",outcome="ok"}'] == 3
+        assert m['keel_gateway_backend_circuit_open{backend="a"}'] == 1  # two failures opened it
+        assert m['keel_gateway_backend_up{backend="b"}'] == 1 and m['keel_gateway_backend_in_flight{backend="b"}'] == 0
+
+
 def test_client_errors_are_passed_on_not_retried(fakes):
     a, b, ua, ub = fakes
     with gateway([{"url": ua, "model": "up-model"}, {"url": ub, "model": "up-model", "priority": 1}]) as g:
