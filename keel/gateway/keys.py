@@ -148,3 +148,24 @@ class RequestUsage:
         if self.open == 0:
             self.auth.record(self.key, self.model, self.prompt_tokens, self.completion_tokens, self.error,
                              1e3 * (time.monotonic() - self.arrival))
+
+
+class RateLimitHeaders:
+    """ASGI middleware: the x-ratelimit-* headers of the request's key (set by the server's auth on
+    request.state) on every answer, streams included, without buffering anything."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                extra = scope.get("state", {}).get("ratelimit_headers")
+                if extra:
+                    message = {**message, "headers": [*message.get("headers", []),
+                                                      *((k.encode(), v.encode()) for k, v in extra.items())]}
+            await send(message)
+        await self.app(scope, receive, send_with_headers)

@@ -26,7 +26,7 @@ from keel.server import fine_tuning as ft_routes
 from keel.server.embeddings import EmbeddingService
 from keel.registry.lock import adapter_fingerprint
 from keel.server.adapters import LoRAPolicy, adapter_cards
-from keel.gateway.keys import ADMIN, KeyAuth, Limited, RequestUsage
+from keel.gateway.keys import ADMIN, KeyAuth, Limited, RateLimitHeaders, RequestUsage
 from keel.server import admin
 from keel.server.common import get_state, key_of
 from keel.server.errors import APIError, context_length_exceeded, model_not_found
@@ -264,6 +264,7 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
                   redoc_url=None, openapi_url="/openapi.json" if enable_docs else None)
     app.state.keel = state
     errors.install(app)
+    app.add_middleware(RateLimitHeaders)
     app.add_middleware(BodyGuard, limits=state.limits)  # outermost: no handler sees an unchecked body
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])

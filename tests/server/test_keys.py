@@ -99,6 +99,7 @@ def test_requests_per_minute_give_429_with_openai_headers(env):
     with server.http() as h:
         codes = [h.get("/v1/models", headers={"Authorization": f"Bearer {secret}"}) for _ in range(5)]
     assert [r.status_code for r in codes] == [200, 200, 200, 429, 429]
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in codes[:3]] == ["2", "1", "0"]  # on answers too
     r = codes[3]
     assert r.json()["error"]["code"] == "rate_limit_exceeded"
     assert 1 <= int(r.headers["retry-after"]) <= 60
@@ -109,15 +110,17 @@ def test_requests_per_minute_give_429_with_openai_headers(env):
 
 def test_usage_totals_equal_the_responses_usage_and_budgets_stop_a_key(env):
     server, store, _, _, _ = env
-    key, secret = store.create("metered", models=[BASE], budget_tokens=60)
+    key, secret = store.create("metered", models=[BASE], budget_tokens=60, tpm=10**6)
     c = client(server, secret)
     total = [0, 0]
     for n in (3, 5):
         u = c.completions.create(model=BASE, prompt=PROMPT, max_tokens=n).usage
         total[0] += u.prompt_tokens
         total[1] += u.completion_tokens
-    stream = c.completions.create(model=BASE, prompt=PROMPT, max_tokens=4, stream=True,
-                                  stream_options={"include_usage": True})
+    raw = c.completions.with_raw_response.create(model=BASE, prompt=PROMPT, max_tokens=4, stream=True,
+                                                 stream_options={"include_usage": True})
+    assert raw.headers["x-ratelimit-limit-tokens"] == str(10**6)  # a stream carries them too
+    stream = raw.parse()
     u = [ch.usage for ch in stream if ch.usage][0]
     total[0] += u.prompt_tokens
     total[1] += u.completion_tokens
