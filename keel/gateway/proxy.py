@@ -145,6 +145,7 @@ async def _forward(path: str, raw: bytes, body: dict, model: str, stream: bool, 
             break
         backend.in_flight += 1
         done = False
+        resp = None
         try:
             content = raw if upstream == model else json.dumps({**body, "model": upstream}).encode()
             req = client.build_request("POST", backend.url + path, content=content,
@@ -180,6 +181,8 @@ async def _forward(path: str, raw: bytes, body: dict, model: str, stream: bool, 
             reason = "down" if isinstance(e, _Down) else "timeout" if isinstance(e, (TimeoutError, httpx.TimeoutException)) \
                 else "connection"
             metrics.failovers.labels(model, backend.label, reason).inc()
+            if resp is not None:  # found down or timed out while reading: free the connection
+                await resp.aclose()
         finally:
             if not done:
                 backend.in_flight -= 1
