@@ -75,6 +75,9 @@ def add_serve_parser(sub, model_args) -> argparse.ArgumentParser:
     lo.add_argument("--allow-any-lora-path", action="store_true",
                     help="let POST /v1/load_lora_adapter read any folder the server can (trusted clients only)")
     lo.add_argument("--show-lora-paths", action="store_true", help="/v1/models shows adapters' folders as `root`")
+    s.add_argument("--guardrails", default=None, metavar="PATH",
+                   help="content policies on prompts and answers (YAML: see keel/gateway/guardrails.py); their "
+                        "version is part of system_fingerprint")
     pin = s.add_argument_group("pinning")
     pin.add_argument("--lock", default=None, metavar="PATH",
                      help="refuse to start unless the model, the --lora adapters and the output-shaping settings "
@@ -139,6 +142,10 @@ def _serve(args, sock) -> int:
     adapters = [_lora_arg(spec) for spec in args.lora or []]  # bad syntax fails before the model loads
     api_key = _api_key(args)
     store = ResponseStore(args.state_db or default_state_path())  # an unusable one fails before the model loads
+    policies = None
+    if args.guardrails:
+        from keel.gateway.guardrails import load as load_guardrails
+        policies = load_guardrails(args.guardrails)  # a bad policy file fails before the model loads
     limits = ServerLimits(max_request_bytes=args.max_request_bytes, max_upload_bytes=args.max_upload_bytes,
                           body_timeout_s=args.body_timeout,
                           header_timeout_s=args.header_timeout, max_connections=args.max_connections or None,
@@ -194,7 +201,8 @@ def _serve(args, sock) -> int:
                      lora_policy=LoRAPolicy(roots=roots, show_paths=args.show_lora_paths),
                      default_max_tokens=args.default_max_tokens or None,
                      request_timeout_s=args.request_timeout or None,
-                     response_store=store, fine_tuning=fine_tuning, api_keys=api_keys)
+                     response_store=store, fine_tuning=fine_tuning, api_keys=api_keys,
+                     guardrails=policies)
     print(_summary(engine, name, embedder, sock, args, fine_tuning), file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level=args.log_level.lower(), timeout_graceful_shutdown=args.shutdown_timeout,
                             **uvicorn_settings(limits))

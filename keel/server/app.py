@@ -6,6 +6,8 @@ the model is loaded and how the app is run.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 import time
 from contextlib import asynccontextmanager
@@ -26,6 +28,8 @@ from keel.server import fine_tuning as ft_routes
 from keel.server.embeddings import EmbeddingService
 from keel.registry.lock import adapter_fingerprint
 from keel.server.adapters import LoRAPolicy, adapter_cards
+from keel.gateway import guardrails
+from keel.gateway.guardrails import Guardrails
 from keel.gateway.keys import ADMIN, KeyAuth, Limited, RateLimitHeaders, RequestUsage
 from keel.server import admin
 from keel.server.common import get_state, key_of
@@ -35,6 +39,8 @@ from keel.server.limits import BodyGuard, ServerLimits
 from keel.server.metrics import Metrics
 from keel.store import ResponseStore
 from starlette.concurrency import run_in_threadpool
+
+log = logging.getLogger("keel.server")
 
 if TYPE_CHECKING:
     from keel.finetune.jobs import FineTuning
@@ -65,6 +71,7 @@ class ServerState:
     request_timeout_s: float | None = None  # generation time limit per request (None: none)
     fine_tuning: "FineTuning | None" = None  # files and fine-tuning jobs (keel.finetune.jobs); None: turned off
     auth: KeyAuth = field(default_factory=lambda: KeyAuth(None))  # who may call what (keel.gateway.keys)
+    guardrails: Guardrails | None = None  # content policies (keel.gateway.guardrails)
     _adapter_fps: dict[str, str] = field(default_factory=dict)
 
     def served_names(self) -> set[str]:
@@ -89,13 +96,21 @@ class ServerState:
         raise model_not_found(name)
 
     def fingerprint_for(self, adapter: str | None) -> str:
-        if adapter is None:
-            return self.fingerprint
-        fp = self._adapter_fps.get(adapter)
-        path = self.client.adapters.path_of(adapter)
-        if fp is None and path is not None:
-            fp = self._adapter_fps[adapter] = adapter_fingerprint(self.fingerprint, path, self.client.adapters.store_dtype)
-        return fp or self.fingerprint
+        fp = self.fingerprint
+        if adapter is not None:
+            path = self.client.adapters.path_of(adapter)
+            cached = self._adapter_fps.get(adapter)
+            if cached is None and path is not None:
+                cached = self._adapter_fps[adapter] = adapter_fingerprint(self.fingerprint, path,
+                                                                          self.client.adapters.store_dtype)
+            fp = cached or fp
+        policy = self.policy_for(adapter or self.served_model_name)
+        if policy is not None:  # the policy shapes the output: its version is part of what produced it
+            fp = "fp_" + hashlib.sha256(f"{fp}:{policy.version}".encode()).hexdigest()[:10]
+        return fp
+
+    def policy_for(self, model: str):
+        return None if self.guardrails is None else self.guardrails.for_model(model)
 
     def forget_fingerprint(self, adapter: str) -> None:
         self._adapter_fps.pop(adapter, None)
@@ -117,13 +132,37 @@ class ServerState:
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  arrival: float, adapter: str | None = None,
                  usage: RequestUsage | None = None) -> AsyncIterator[RequestOutput]:
-        """usage: where the request's tokens are counted for its API key (see usage_for)."""
+        """usage: where the request's tokens are counted for its API key (see usage_for). The model's
+        guardrail policy applies to the prompt here (PolicyViolation for a block) and to the output as
+        it streams."""
+        policy = self.policy_for(adapter or self.served_model_name)
+        if policy is not None and policy.input:
+            prompt_ids = self._guard_prompt(policy, prompt_ids)
         source = self.client.generate(request_id, prompt_ids, params, adapter=adapter)
+        if policy is not None and policy.output:
+            source = _guarded(source, policy, self._flagged)
         if self.request_timeout_s is not None:
             source = _time_limited(source, self.client, request_id, arrival + self.request_timeout_s)
         if usage is not None:
             source = _counted(source, usage, len(prompt_ids))
         return self.metrics.track(source, arrival)
+
+    def _guard_prompt(self, policy, prompt_ids: list[int]) -> list[int]:
+        tok = self.client.info.tokenizer
+        text = tok.decode(prompt_ids, skip_special_tokens=False)
+        flagged: list[str] = []
+        try:
+            new = guardrails.apply(policy.input, text, "prompt", flagged)
+        except guardrails.PolicyViolation as e:
+            self._flagged(policy, [e.rule], "prompt", "block")
+            raise
+        self._flagged(policy, flagged, "prompt", "flag")
+        return prompt_ids if new == text else tok.encode(new, add_special_tokens=False)
+
+    def _flagged(self, policy, rules: list[str], where: str, action: str) -> None:
+        for rule in rules:
+            log.warning("content policy %s: rule %s %sed the %s", policy.name, rule, action.removesuffix("e"), where)
+            self.metrics.guardrail.labels(policy.name, rule, where, action).inc()
 
     def usage_for(self, request: Request, model: str, arrival: float) -> RequestUsage | None:
         key = key_of(request)
@@ -132,6 +171,40 @@ class ServerState:
     def model_card(self) -> dict:
         return {"id": self.served_model_name, "object": "model", "created": self.created, "owned_by": "keel",
                 "root": self.served_model_name, "parent": None, "max_model_len": self.client.info.max_model_len}
+
+
+async def _guarded(source: AsyncIterator[RequestOutput], policy, flagged) -> AsyncIterator[RequestOutput]:
+    """`source` with the policy's output rules applied to each choice's text as it streams (see
+    keel.gateway.guardrails.OutputFilter): held back until checked, redacted, or ended by a block. Token
+    ids stay as generated; logprobs are dropped, since their tokens would show what was redacted."""
+    filters: dict[int, guardrails.OutputFilter] = {}
+    texts: dict[int, str] = {}
+    ended: set[int] = set()
+    try:
+        async for out in source:
+            for o in out.outputs:
+                if o.index not in filters:
+                    filters[o.index] = guardrails.OutputFilter(policy.output, [])
+                    texts[o.index] = ""
+                f = filters[o.index]
+                emitted = ""
+                if o.index not in ended:
+                    try:
+                        emitted = f.feed(o.text[f.total:])
+                        if o.finished:
+                            emitted += f.finish()
+                            ended.add(o.index)
+                    except guardrails.PolicyViolation as e:
+                        flagged(policy, [e.rule], "answer", "block")
+                        raise
+                    if f.flagged:
+                        flagged(policy, f.flagged, "answer", "flag")
+                        f.flagged.clear()
+                texts[o.index] += emitted
+                o.delta_text, o.text, o.logprobs = emitted, texts[o.index], None
+            yield out
+    finally:
+        await source.aclose()
 
 
 async def _counted(source: AsyncIterator[RequestOutput], usage: RequestUsage,
@@ -215,7 +288,8 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
                limits: ServerLimits | None = None, lora_policy: LoRAPolicy | None = None,
                enable_docs: bool = False, default_max_tokens: int | None = DEFAULT_MAX_TOKENS,
                request_timeout_s: float | None = None, response_store: ResponseStore | None = None,
-               fine_tuning: "FineTuning | None" = None, api_keys: "KeyStore | None" = None) -> FastAPI:
+               fine_tuning: "FineTuning | None" = None, api_keys: "KeyStore | None" = None,
+               guardrails: Guardrails | None = None) -> FastAPI:
     """embedding_model: served by POST /v1/embeddings under its own name (None: no embeddings).
     allow_lora_updates: POST /v1/load_lora_adapter and /v1/unload_lora_adapter work (when the
     engine serves LoRA adapters); lora_policy says from which folders (by default none: see LoRAPolicy).
@@ -230,6 +304,7 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
     had reached max_tokens (finish_reason "length"); None: no limit.
     fine_tuning: serves /v1/files and /v1/fine_tuning/jobs; the app starts its job runner and stops it
     (keel.finetune.jobs.FineTuning; None: those routes answer 404).
+    guardrails: content policies on prompts and answers (keel.gateway.guardrails).
     api_keys: the keys (keel.store.keys.KeyStore) that may call /v1 besides api_key, each scoped to
     models and adapters, rate-limited and metered; managed under /admin with an admin key."""
 
@@ -239,7 +314,7 @@ def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None
                         limits=limits or ServerLimits(), lora_policy=lora_policy or LoRAPolicy(),
                         default_max_tokens=default_max_tokens, request_timeout_s=request_timeout_s,
                         responses=response_store or ResponseStore(), fine_tuning=fine_tuning,
-                        auth=KeyAuth(api_keys, api_key or None))
+                        auth=KeyAuth(api_keys, api_key or None), guardrails=guardrails)
     state.auth.on_record = state.metrics.key_usage
     if embedding_model is not None:
         if embedding_model.name == served_model_name:

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keel.engine.async_engine import EngineDeadError, QueueFullError
+from keel.gateway.guardrails import PolicyViolation
 from keel.errors import KeelError, LoRAError, LoRANotFoundError
 from keel.server.protocol import RequestError
 from keel.server.streaming import ClientDisconnected
@@ -77,6 +78,9 @@ def from_exception(exc: BaseException) -> APIError:
     if isinstance(exc, LoRAError):  # the adapter a request names cannot be served
         return APIError(400, f"The model's LoRA adapter cannot be used: {exc}", code="invalid_lora_adapter",
                         param="model")
+    if isinstance(exc, PolicyViolation):
+        return APIError(400, str(exc), code="content_policy_violation",
+                        param="messages" if exc.where == "prompt" else None)
     if isinstance(exc, KeelError):  # the engine's own validation (prompt tokens, stop ids, ...)
         return APIError(400, str(exc), code="invalid_value", param=getattr(exc, "param", None))
     if isinstance(exc, RecursionError):  # input nested past what some library walks recursively

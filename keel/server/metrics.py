@@ -79,6 +79,9 @@ class Metrics:
                                     "and model, by outcome.", ["key_id", "model", "outcome"], registry=reg)
         self.key_tokens = Counter("keel_api_key_tokens", "Tokens per API key and model, prompt and completion.",
                                   ["key_id", "model", "kind"], registry=reg)
+        self.guardrail = Counter("keel_guardrail_hits", "Content policy rules that matched, by policy, rule, "
+                                 "where (prompt or answer) and action (block or flag; redactions are not counted "
+                                 "here).", ["policy", "rule", "where", "action"], registry=reg)
         self._engine = _EngineState()
         reg.register(self._engine)
         ProcessCollector(registry=reg)
