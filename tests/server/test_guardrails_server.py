@@ -80,3 +80,13 @@ def test_flags_are_counted_and_the_policy_is_in_the_fingerprint(servers):
            for s in (a, plain)}
     fps.add(b.state.fingerprint_for(None))  # b blocks every answer: asked directly
     assert len(fps) == 3  # each policy (and none) gives its own fingerprint
+
+
+def test_a_bad_policy_file_stops_keel_serve_with_its_reason(tmp_path, capsys):
+    from keel.cli import main
+    from tests.server.test_cli import free_port
+    bad = tmp_path / "g.yaml"
+    bad.write_text("policies:\n  - name: p\n    input:\n      - {name: r, type: deny, patterns: ['(a)\\1']}\n")
+    assert main(["serve", "--guardrails", str(bad), "--port", str(free_port())]) == 2
+    assert "RE2" in capsys.readouterr().err
+    assert main(["serve", "--guardrails", str(tmp_path / "missing.yaml"), "--port", str(free_port())]) == 2
