@@ -18,8 +18,9 @@ Actions: block (a 400 `content_policy_violation` naming the rule; mid-stream, an
 Patterns are RE2 (google-re2, already keel's choice for adapter configs): matching time is linear in
 the text, so no pattern a policy author writes can stall the server, and none need be trusted. Card
 numbers must pass the Luhn check and IBANs the ISO 7064 mod-97 check, so ordinary numbers are left alone.
-Output rules work on streams: the last HOLD characters are held back until what follows shows whether a
-rule matches there, so no blocked or redacted span ever reaches the client.
+Output rules work on streams: the last `hold_chars` characters (64 by default, per policy) are held back
+until what follows shows whether a rule matches there, so no blocked or redacted span ever reaches the
+client, as long as no rule matches more than that many characters.
 The policies' digest is their `version`, part of every response's `system_fingerprint`.
 A classifier model (a guard model served by keel) fits as another rule type with the same interface
 (`scan(text) -> matches`); only rule-based types exist so far.
@@ -141,6 +142,7 @@ class Policy:
     input: tuple[Rule, ...]
     output: tuple[Rule, ...]
     version: str  # digest of the policy as written
+    hold_chars: int = HOLD  # how much of a stream is held back: at least the longest span a rule may match
 
     def applies_to(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, p) for p in self.models)
@@ -168,7 +170,10 @@ def parse(data) -> Guardrails:
             raise KeelError(f"{where}: `models` must be a list of name patterns")
         rules = {side: tuple(_rule(r, f"{where}.{side}") for r in (spec.get(side) or [])) for side in ("input", "output")}
         version = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-        policies.append(Policy(spec["name"], tuple(models), rules["input"], rules["output"], version))
+        hold = spec.get("hold_chars", HOLD)
+        if not isinstance(hold, int) or isinstance(hold, bool) or not 1 <= hold <= 65536:
+            raise KeelError(f"{where}: hold_chars must be an integer in [1, 65536]")
+        policies.append(Policy(spec["name"], tuple(models), rules["input"], rules["output"], version, hold))
     return Guardrails(policies)
 
 
@@ -226,8 +231,8 @@ class OutputFilter:
     finish() the rest. Text is released only once HOLD characters follow it (or the stream ended), so a
     match is seen whole before any of it leaves."""
 
-    def __init__(self, rules: tuple[Rule, ...], flagged: list[str]) -> None:
-        self.rules, self.flagged = rules, flagged
+    def __init__(self, rules: tuple[Rule, ...], flagged: list[str], hold: int = HOLD) -> None:
+        self.rules, self.flagged, self.hold = rules, flagged, hold
         self.pending = ""
         self.released = 0  # characters of the raw text already decided on
         self.total = 0  # characters of the raw text seen
@@ -236,7 +241,7 @@ class OutputFilter:
     def _checked(self, text: str, final: bool) -> tuple[str, str]:
         """(what can go out, what stays pending) of `text`, the unreleased raw text."""
         spans_by_rule = [(r, r.spans(text)) for r in self.rules if r.max_chars is None]
-        cut = len(text) if final else max(0, len(text) - HOLD)
+        cut = len(text) if final else max(0, len(text) - self.hold)
         for _, spans in spans_by_rule:  # never cut through a match: keep all of it pending
             for s, e in spans:
                 if s < cut < e:

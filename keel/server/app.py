@@ -184,7 +184,7 @@ async def _guarded(source: AsyncIterator[RequestOutput], policy, flagged) -> Asy
         async for out in source:
             for o in out.outputs:
                 if o.index not in filters:
-                    filters[o.index] = guardrails.OutputFilter(policy.output, [])
+                    filters[o.index] = guardrails.OutputFilter(policy.output, [], policy.hold_chars)
                     texts[o.index] = ""
                 f = filters[o.index]
                 emitted = ""
