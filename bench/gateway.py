@@ -23,6 +23,7 @@ import tempfile
 import time
 
 from bench.decode import machine
+from bench.report import publish
 from bench.serve import MODEL, free_port, pct, run_clients, wait_up
 
 
@@ -155,11 +156,7 @@ def main() -> None:
         lines.append(f"| {i + 1} | {d:.2f} | {g:.2f} | {g - d:.2f} |")
     inst = sorted(g - d for d, g in instant)
     lines += ["", f"The gateway's own cost per request, median: **{inst[len(inst) // 2]:.2f} ms** (goal < 2 ms)."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from bench.decode import machine
+    from bench.report import publish
     from keel.engine.device import cpu_flags
     root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True).stdout.strip()
     base_name = f"baseline {args.baseline_rev} (default)"
@@ -105,11 +106,7 @@ def main() -> None:
     lines += ["", "Every round (tok/s, b=1 / b=16 / prefill):", ""]
     for name, rs in runs.items():
         lines.append(f"- {name}: " + "; ".join(" / ".join(f"{x[k]:.0f}" for k in keys) for x in rs))
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import sys
 import time
 
 from bench.decode import machine
+from bench.report import publish
 from bench.serve import free_port, run_clients, wait_up
 
 NEW = 64
@@ -97,11 +98,7 @@ def main() -> None:
         lines.append(f"| {n} streaming chat client{'s' if n > 1 else ''}, tok/s (llama-server -np 32 vs keel serve) "
                      f"| {a['tps']:.1f} | {b['tps']:.1f} | {b['tps'] / a['tps']:.2f}x |")
     lines += ["", "Rounds, batch-1 tok/s: " + "; ".join(f"{k} " + " / ".join(f"{x:.1f}" for x in v) for k, v in b1.items())]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ import time
 import torch
 
 import keel.engine.sampler as sampler_module
+from bench.report import publish
 from keel import LLM, SamplingParams
 from keel.engine.llm_engine import LLMEngine
+from keel.engine.output_processor import OutputProcessor
 
 # Time spent in the grammar work itself (mask fill + apply in the sampler, matcher advance in the
 # engine), so the overhead can be read even when the machine is too noisy for the ratio.
@@ -38,7 +40,7 @@ def _timed(fn):
 
 sampler_module.apply_bitmasks = _timed(sampler_module.apply_bitmasks)
 LLMEngine._fill_grammar_masks = _timed(LLMEngine._fill_grammar_masks)
-LLMEngine._advance_guide = _timed(LLMEngine._advance_guide)
+OutputProcessor._advance_guide = _timed(OutputProcessor._advance_guide)
 
 SCHEMA = {"type": "array", "minItems": 64, "items": {
     "type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999},
@@ -83,11 +85,7 @@ def main() -> None:
              "", "| batch | free tok/s | json_schema tok/s | ratio | grammar ms/step | free step ms |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {b} | {f:.1f} | {g:.1f} | {g / f:.2f}x | {ms:.2f} | {step:.1f} |" for b, f, g, ms, step in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":
