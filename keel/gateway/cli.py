@@ -73,23 +73,14 @@ def add_gateway_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_gateway(args) -> int:
-    import os
-
     import uvicorn
 
     from keel.gateway.config import load
     from keel.gateway.proxy import create_gateway_app
     from keel.serve_cli import _bind
+    from keel.serve_cli import _api_key
     settings = load(args.config)
-    key = None
-    if args.api_key_file:
-        from keel.errors import KeelError
-        try:
-            with open(args.api_key_file, encoding="utf-8") as f:
-                key = f.read().strip() or None
-        except OSError as e:
-            raise KeelError(f"--api-key-file {args.api_key_file}: cannot read it ({e.strerror or e})") from None
-    key = key or os.environ.get("KEEL_API_KEY") or None
+    key = _api_key(argparse.Namespace(api_key_file=args.api_key_file, api_key=None))  # as keel serve reads it
     sock = _bind(args.host, args.port)
     try:
         app = create_gateway_app(settings, key)

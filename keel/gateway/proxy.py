@@ -25,6 +25,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from keel.gateway.backends import Backend, Router
 from keel.gateway.config import GatewayConfig
 from keel.gateway.metrics import GatewayMetrics
+from keel.server import errors
+from keel.server.errors import APIError, model_not_found
 
 log = logging.getLogger("keel.gateway")
 ROUTES = ("/chat/completions", "/completions", "/embeddings", "/responses")
@@ -36,9 +38,8 @@ class _Down(Exception):
     """The backend's health check found it down while a request waited on it."""
 
 
-def _error(status: int, message: str, code: str, type_: str = "invalid_request_error", param=None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                        status_code=status)
+def _error(status: int, message: str, code: str, type_: str = "invalid_request_error", param=None) -> Response:
+    return APIError(status, message, type=type_, code=code, param=param).response()
 
 
 async def _unless_down(aw, backend: Backend, timeout: float):
@@ -76,6 +77,7 @@ def create_gateway_app(settings: GatewayConfig, api_key: str | None = None) -> F
     app = FastAPI(title="keel gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.router = router
     app.state.metrics = metrics
+    errors.install(app)  # unknown routes, wrong methods and anything unexpected answer in OpenAI's error shape
 
     @app.get("/metrics")
     async def prometheus():
@@ -131,8 +133,7 @@ async def _forward(path: str, raw: bytes, body: dict, model: str, stream: bool, 
                    metrics: GatewayMetrics, client: httpx.AsyncClient):
     candidates = router.candidates(model)
     if not candidates:
-        return _error(404, f"The model `{model}` does not exist or you do not have access to it.", "model_not_found",
-                      param="model")
+        return model_not_found(model).response()
     settings = router.settings
     deadline = time.monotonic() + router.timeout_for(model)
     last = "no backend answered"

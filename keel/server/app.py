@@ -73,6 +73,7 @@ class ServerState:
     auth: KeyAuth = field(default_factory=lambda: KeyAuth(None))  # who may call what (keel.gateway.keys)
     guardrails: Guardrails | None = None  # content policies (keel.gateway.guardrails)
     _adapter_fps: dict[str, str] = field(default_factory=dict)
+    _policy_fps: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def served_names(self) -> set[str]:
         """Names a request's `model` may give besides adapters: the chat and the embedding model."""
@@ -106,7 +107,10 @@ class ServerState:
             fp = cached or fp
         policy = self.policy_for(adapter or self.served_model_name)
         if policy is not None:  # the policy shapes the output: its version is part of what produced it
-            fp = "fp_" + hashlib.sha256(f"{fp}:{policy.version}".encode()).hexdigest()[:10]
+            key = (fp, policy.version)
+            if key not in self._policy_fps:
+                self._policy_fps[key] = "fp_" + hashlib.sha256(f"{fp}:{policy.version}".encode()).hexdigest()[:10]
+            fp = self._policy_fps[key]
         return fp
 
     def policy_for(self, model: str):

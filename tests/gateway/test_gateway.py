@@ -168,6 +168,18 @@ def test_bad_and_oversized_bodies_are_refused_and_the_gateway_goes_on(fakes, mon
         assert g.client().chat.completions.create(model="chat", messages=MSG).choices[0].message.content == "from a"
 
 
+def test_the_gateway_key_and_openai_shaped_errors(fakes):
+    a, b, ua, ub = fakes
+    cfg = parse({"models": {"chat": {"backends": [{"url": ua, "model": "up-model"}]}}})
+    with LiveServer(create_gateway_app(cfg, api_key="gw-secret")) as g, g.http() as h:
+        with pytest.raises(openai.AuthenticationError):
+            g.client(api_key="wrong").chat.completions.create(model="chat", messages=MSG)
+        assert h.get("/v1/models").status_code == 401
+        assert g.client(api_key="gw-secret").chat.completions.create(model="chat", messages=MSG).choices
+        for r in (h.get("/v1/nothing-here"), h.get("/v1/chat/completions")):  # unknown route, wrong method
+            assert r.status_code in (404, 405) and r.json()["error"]["message"]
+
+
 def test_all_backends_failing_is_a_503_naming_the_last_error(fakes):
     a, b, ua, ub = fakes
     a.mode = b.mode = "500"
@@ -187,3 +199,16 @@ def test_all_backends_failing_is_a_503_naming_the_last_error(fakes):
 def test_bad_configs_name_the_field(bad, word):
     with pytest.raises(KeelError, match=word):
         parse(bad)
+
+
+def test_keel_gateway_command_refuses_bad_files_cleanly(tmp_path, capsys):
+    from keel.cli import main
+    assert main(["gateway", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text("models: [oops\n")
+    assert main(["gateway", "--config", str(cfg)]) == 2
+    assert "YAML" in capsys.readouterr().err
+    cfg.write_text("models:\n  chat:\n    backends: [{url: 'http://127.0.0.1:1/v1'}]\n")
+    assert main(["gateway", "--config", str(cfg), "--api-key-file", str(tmp_path / "nokey")]) == 2
+    assert "api-key-file" in capsys.readouterr().err
