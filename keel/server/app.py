@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
-import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator
@@ -30,15 +28,16 @@ from keel.registry.lock import adapter_fingerprint
 from keel.server.adapters import LoRAPolicy, adapter_cards
 from keel.gateway import guardrails
 from keel.gateway.guardrails import Guardrails
-from keel.gateway.keys import ADMIN, KeyAuth, Limited, RateLimitHeaders, RequestUsage
+from keel.gateway.keys import KeyAuth, RateLimitHeaders, RequestUsage
 from keel.server import admin
+from keel.server.auth import require_admin, require_api_key
 from keel.server.common import get_state, key_of
+from keel.server.outputs_pipeline import counted, guarded, time_limited
 from keel.server.errors import APIError, context_length_exceeded, model_not_found
 from keel.server.fingerprint import created_time, system_fingerprint
 from keel.server.limits import BodyGuard, ServerLimits
 from keel.server.metrics import Metrics
 from keel.store import ResponseStore
-from starlette.concurrency import run_in_threadpool
 
 log = logging.getLogger("keel.server")
 
@@ -144,11 +143,11 @@ class ServerState:
             prompt_ids = self._guard_prompt(policy, prompt_ids)
         source = self.client.generate(request_id, prompt_ids, params, adapter=adapter)
         if policy is not None and policy.output:
-            source = _guarded(source, policy, self._flagged)
+            source = guarded(source, policy, self._flagged)
         if self.request_timeout_s is not None:
-            source = _time_limited(source, self.client, request_id, arrival + self.request_timeout_s)
+            source = time_limited(source, self.client, request_id, arrival + self.request_timeout_s)
         if usage is not None:
-            source = _counted(source, usage, len(prompt_ids))
+            source = counted(source, usage, len(prompt_ids))
         return self.metrics.track(source, arrival)
 
     def _guard_prompt(self, policy, prompt_ids: list[int]) -> list[int]:
@@ -175,115 +174,6 @@ class ServerState:
     def model_card(self) -> dict:
         return {"id": self.served_model_name, "object": "model", "created": self.created, "owned_by": "keel",
                 "root": self.served_model_name, "parent": None, "max_model_len": self.client.info.max_model_len}
-
-
-async def _guarded(source: AsyncIterator[RequestOutput], policy, flagged) -> AsyncIterator[RequestOutput]:
-    """`source` with the policy's output rules applied to each choice's text as it streams (see
-    keel.gateway.guardrails.OutputFilter): held back until checked, redacted, or ended by a block. Token
-    ids stay as generated; logprobs are dropped, since their tokens would show what was redacted."""
-    filters: dict[int, guardrails.OutputFilter] = {}
-    texts: dict[int, str] = {}
-    ended: set[int] = set()
-    try:
-        async for out in source:
-            for o in out.outputs:
-                if o.index not in filters:
-                    filters[o.index] = guardrails.OutputFilter(policy.output, [], policy.hold_chars)
-                    texts[o.index] = ""
-                f = filters[o.index]
-                emitted = ""
-                if o.index not in ended:
-                    try:
-                        emitted = f.feed(o.text[f.total:])
-                        if o.finished:
-                            emitted += f.finish()
-                            ended.add(o.index)
-                    except guardrails.PolicyViolation as e:
-                        flagged(policy, [e.rule], "answer", "block")
-                        raise
-                    if f.flagged:
-                        flagged(policy, f.flagged, "answer", "flag")
-                        f.flagged.clear()
-                texts[o.index] += emitted
-                o.delta_text, o.text, o.logprobs = emitted, texts[o.index], None
-            yield out
-    finally:
-        await source.aclose()
-
-
-async def _counted(source: AsyncIterator[RequestOutput], usage: RequestUsage,
-                   prompt_tokens: int) -> AsyncIterator[RequestOutput]:
-    """`source`, its tokens counted in `usage` when it ends (an error counts as one)."""
-    usage.open += 1
-    completion, error = 0, True
-    try:
-        async for out in source:
-            completion = sum(len(o.token_ids) for o in out.outputs)
-            if out.finished:
-                error = out.error is not None
-            yield out
-    finally:
-        usage.finish_one(prompt_tokens, completion, error)
-        await source.aclose()
-
-
-async def _time_limited(source: AsyncIterator[RequestOutput], client: AsyncEngine, request_id: str,
-                        deadline: float) -> AsyncIterator[RequestOutput]:
-    """`source`, ended at `deadline` (time.monotonic) as if max_tokens had been reached."""
-    import asyncio
-    handle = asyncio.get_running_loop().call_at(
-        asyncio.get_running_loop().time() + max(0.0, deadline - time.monotonic()), client.expire, request_id)
-    try:
-        async for out in source:
-            yield out
-    finally:
-        handle.cancel()
-        await source.aclose()
-
-
-async def require_api_key(request: Request) -> None:
-    """Authenticate the bearer token (the server's --api-key, or a key of the database when --api-keys
-    is on), then apply the key's request and token rate limits and its token budget."""
-    auth = get_state(request).auth
-    if not auth.required:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    challenge = {"WWW-Authenticate": 'Bearer realm="keel"'}
-    if scheme.lower() != "bearer" or not token.strip():
-        raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
-                       code="invalid_api_key", headers=challenge)
-    token = token.strip()
-    key = auth.authenticate(token) if auth.store is None else await run_in_threadpool(auth.authenticate, token)
-    if key is None:
-        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key", headers=challenge)
-    request.state.api_key = key
-    if key is ADMIN:
-        return
-    admitted = auth.windows.admit(key)
-    if isinstance(admitted, Limited):
-        raise _limited(admitted)
-    over = await run_in_threadpool(auth.check_budget, key)
-    if over is not None:
-        raise _limited(over)
-    request.state.ratelimit_headers = admitted
-
-
-def _limited(limit: Limited) -> APIError:
-    headers = dict(limit.headers)
-    if limit.retry_after > 0:
-        headers["Retry-After"] = str(max(1, math.ceil(limit.retry_after)))
-    return APIError(429, limit.message, type="requests" if limit.code == "rate_limit_exceeded" else "insufficient_quota",
-                    code=limit.code, headers=headers)
-
-
-async def require_admin(request: Request) -> None:
-    key = key_of(request)
-    if key is not None and not key.admin:
-        raise APIError(403, "This API key cannot manage keys: an admin key (or the server's --api-key) can.",
-                       type="permission_error", code="admin_required")
-    if key is None:
-        raise APIError(403, "Key management needs API keys: start the server with --api-keys and an admin key.",
-                       type="permission_error", code="admin_required")
 
 
 def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None = None,
