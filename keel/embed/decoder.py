@@ -33,8 +33,8 @@ class DecoderEncoder:
         blocks = -(-tokens // BLOCK)
         if blocks <= self._blocks:
             return
-        shape = (blocks * BLOCK, self.config.num_kv_heads, self.config.head_dim)
         for attn in self.model.attention_layers():
+            shape = (blocks * BLOCK, attn.num_kv_heads, attn.head_dim)
             attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self._blocks = blocks

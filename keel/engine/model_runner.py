@@ -47,12 +47,11 @@ class ModelRunner:
                  dtype: torch.dtype, device: torch.device, lora=None) -> None:
         self.model, self.block_size, self.device = model, block_size, device
         self.lora = lora  # keel.lora.manager.LoRAManager, or None when adapters are off
-        cfg = model.config
         # One K and one V tensor per layer, [num_blocks * block_size, kv_heads, head_dim]. Zeroed, not
         # empty: padding positions gathered from the cache are masked, but 0 * NaN would still be NaN.
         self.kv_caches = []
         for attn in model.attention_layers():
-            shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+            shape = (num_blocks * block_size, attn.num_kv_heads, attn.head_dim)
             attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
             attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
             self.kv_caches += [attn.k_cache, attn.v_cache]

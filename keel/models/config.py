@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from keel.errors import ModelLoadError, UnsupportedModelError
 
@@ -29,12 +29,17 @@ class ModelConfig:
     torch_dtype: str | None
     hidden_act: str = "silu"
     mlp_bias: bool = False
+    rotary_dim: int | None = None  # channels of each head that rotate (None: all of them)
+    extra: dict = field(default_factory=dict, repr=False)  # the whole config.json, for family-specific keys
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelConfig":
         archs = cfg.get("architectures") or []
         if not archs:
             raise ModelLoadError("config.json names no architecture (the 'architectures' key is missing)")
+        from keel.models.registry import FAMILIES, model_class
+        if archs[0] in FAMILIES:
+            cfg = model_class(archs[0]).normalize_config(dict(cfg))
         try:
             hidden = cfg["hidden_size"]
             heads = cfg["num_attention_heads"]
@@ -48,6 +53,8 @@ class ModelConfig:
             window = cfg.get("sliding_window")
             if cfg.get("use_sliding_window") is False:
                 window = None
+            head_dim = cfg.get("head_dim") or hidden // heads
+            partial = cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
             return cls(
                 architecture=archs[0],
                 vocab_size=cfg["vocab_size"],
@@ -56,7 +63,7 @@ class ModelConfig:
                 num_layers=cfg["num_hidden_layers"],
                 num_heads=heads,
                 num_kv_heads=cfg.get("num_key_value_heads") or heads,
-                head_dim=cfg.get("head_dim") or hidden // heads,
+                head_dim=head_dim,
                 rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
                 rope_theta=float(theta),
                 rope_scaling=scaling,
@@ -67,8 +74,10 @@ class ModelConfig:
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
                 torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
-                hidden_act=cfg.get("hidden_act", "silu"),
+                hidden_act=cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu",
                 mlp_bias=bool(cfg.get("mlp_bias", False)),
+                rotary_dim=int(head_dim * partial) if partial != 1.0 else None,
+                extra=cfg,
             )
         except KeyError as e:
             raise ModelLoadError(f"config.json lacks the key {e.args[0]!r}") from None
@@ -77,5 +86,5 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(
                 f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
-        if self.hidden_act != "silu":
-            raise UnsupportedModelError(f"hidden_act={self.hidden_act!r} is not supported (only silu)")
+        from keel.layers.activation import activation
+        activation(self.hidden_act)

@@ -74,13 +74,14 @@ class DecodeStack:
         backend = backend or of(model)
         own = backend.cpu_kernels()
         layers = list(model.model.layers)
-        if own is None or not layers:
+        if own is None or not layers or getattr(model, "rotary", None) is None or model.rotary.partial:
             return None
         structs, max_rows, loras, lora_ok, held = [], 1 << 62, [], True, []
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
             if (type(layer).forward is not DecoderLayer.forward or not isinstance(attn, Attention) or attn.qk_norm
-                    or type(attn).forward is not Attention.forward or type(mlp) is not MLP or attn.attn.own is None):
+                    or type(attn).forward is not Attention.forward or type(mlp) is not MLP or attn.attn.own is None
+                    or mlp.act_name not in ("silu", "swish")):
                 return None
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             if any(w.dtype != torch.float32 or not w.is_contiguous() for w in norms):

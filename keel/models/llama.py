@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from keel.layers.activation import activation
 from keel.layers.attention import AttentionMetadata, PagedAttention
 from keel.layers.linear import Linear, keeps_bf16
 from keel.layers.norm import RMSNorm
@@ -36,7 +37,8 @@ class Attention(nn.Module):
         T, H, KVH, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x, lora)
         own = self.attn.own  # keel's CPU kernels for a float32 cache (see PagedAttention.use_own_kernel)
-        if own is not None and not self.qk_norm and qkv.is_contiguous() and rope[0].is_contiguous():
+        if (own is not None and not self.qk_norm and qkv.is_contiguous() and rope[0].is_contiguous()
+                and 2 * rope[0].shape[-1] == D):
             # One pass: q and k rotated in place, k and v written to their cache slots.
             own.rope_and_cache(qkv, rope[0], rope[1], meta.slot_mapping, self.attn.k_cache, self.attn.v_cache, H, KVH)
             qkv = qkv.view(T, H + 2 * KVH, D)
@@ -55,6 +57,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype, device) -> None:
         super().__init__()
         self.inter = cfg.intermediate_size
+        self.act_name, self.act = cfg.hidden_act, activation(cfg.hidden_act)
         self.gate_up_proj = Linear(cfg.hidden_size, {"gate": self.inter, "up": self.inter},
                                    bias=cfg.mlp_bias, dtype=dtype, device=device)
         self.down_proj = Linear(self.inter, cfg.hidden_size, bias=cfg.mlp_bias, dtype=dtype, device=device)
@@ -66,8 +69,8 @@ class MLP(nn.Module):
         from keel.kernels.backend import of
         backend = of(self)
         on_cpu = backend.device.type == "cpu"
-        self.own = (backend.cpu_kernels() if on_cpu else None) or False
-        backend.record("silu_mul", f"keel {self.own.isa}" if self.own else "torch")
+        self.own = (backend.cpu_kernels() if on_cpu and self.act_name in ("silu", "swish") else None) or False
+        backend.record(f"{self.act_name}_mul", f"keel {self.own.isa}" if self.own else "torch")
 
     def forward(self, x: torch.Tensor, lora: LoRAMetadata | None = None) -> torch.Tensor:
         gate_up = self.gate_up_proj(x, lora)
@@ -76,7 +79,7 @@ class MLP(nn.Module):
         if self.own and gate_up.dtype == torch.float32 and gate_up.is_contiguous():
             return self.down_proj(self.own.silu_mul(gate_up), lora)  # one pass, no split, no temporaries
         gate, up = gate_up.split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up, lora)
+        return self.down_proj(self.act(gate) * up, lora)
 
 
 class DecoderLayer(nn.Module):
@@ -102,11 +105,17 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
     }
 
+    @staticmethod
+    def normalize_config(raw: dict) -> dict:
+        """A family whose config.json names things differently maps them to Llama's keys here."""
+        return raw
+
     def __init__(self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype, device) -> None:
         super().__init__()
         self.config = cfg
         self.dtype = dtype
-        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device,
+                                      cfg.rotary_dim, cfg.max_position_embeddings)
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         self.model.embed_tokens.weight.requires_grad_(False)

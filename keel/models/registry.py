@@ -1,28 +1,38 @@
-"""Architecture name (config.json "architectures") -> model class."""
+"""Architecture name (config.json "architectures") -> model class, imported when first asked for."""
 
 from __future__ import annotations
 
-from keel.errors import UnsupportedModelError
-from keel.models.llama import LlamaForCausalLM
-from keel.models.mistral import MistralForCausalLM
-from keel.models.qwen2 import Qwen2ForCausalLM
-from keel.models.qwen3 import Qwen3ForCausalLM
+import importlib
 
-MODELS = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": MistralForCausalLM,
-    "Qwen2ForCausalLM": Qwen2ForCausalLM,
-    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+from keel.errors import UnsupportedModelError
+
+# architecture -> (module, class)
+FAMILIES = {
+    "LlamaForCausalLM": ("keel.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("keel.models.mistral", "MistralForCausalLM"),
+    "Qwen2ForCausalLM": ("keel.models.qwen2", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("keel.models.qwen3", "Qwen3ForCausalLM"),
+    "Phi3ForCausalLM": ("keel.models.phi3", "Phi3ForCausalLM"),
+    "Gemma2ForCausalLM": ("keel.models.gemma", "Gemma2ForCausalLM"),
+    "Gemma3ForCausalLM": ("keel.models.gemma", "Gemma3ForCausalLM"),
+    "MixtralForCausalLM": ("keel.models.mixtral", "MixtralForCausalLM"),
+    "FalconForCausalLM": ("keel.models.falcon", "FalconForCausalLM"),
+    "MptForCausalLM": ("keel.models.mpt", "MptForCausalLM"),
 }
 # The same decoders saved without their output head (as embedding models such as Qwen3-Embedding
 # are): their tensors lack the "model." prefix, and only an embedding model may lack lm_head.
-MODELS.update({"LlamaModel": LlamaForCausalLM, "MistralModel": MistralForCausalLM,
-               "Qwen2Model": Qwen2ForCausalLM, "Qwen3Model": Qwen3ForCausalLM})
+FAMILIES.update({"LlamaModel": FAMILIES["LlamaForCausalLM"], "MistralModel": FAMILIES["MistralForCausalLM"],
+                 "Qwen2Model": FAMILIES["Qwen2ForCausalLM"], "Qwen3Model": FAMILIES["Qwen3ForCausalLM"]})
+
+
+def supported() -> list[str]:
+    return sorted(FAMILIES)
 
 
 def model_class(architecture: str):
     try:
-        return MODELS[architecture]
+        module, name = FAMILIES[architecture]
     except KeyError:
         raise UnsupportedModelError(
-            f"architecture {architecture!r} is not supported; supported: {', '.join(sorted(MODELS))}") from None
+            f"architecture {architecture!r} is not supported; supported: {', '.join(supported())}") from None
+    return getattr(importlib.import_module(module), name)
