@@ -19,6 +19,7 @@ from keel.engine.output_processor import Group, OutputProcessor
 from keel.engine.scheduler import Scheduler
 from keel.errors import InvalidRequestError
 from keel.models.loader import DEFAULT_MODEL_NAME, build_model, open_checkpoint, resolve_model
+from keel.models.registry import model_class
 from keel.outputs import RequestOutput
 from keel.quant.config import parse_quantization
 from keel.quant.config import resolve as resolve_quantization
@@ -66,7 +67,7 @@ class LLMEngine:
         self.checkpoint_files = ckpt.files
         self.cache_config = cache
         limit = mcfg.max_position_embeddings
-        if mcfg.sliding_window:
+        if mcfg.sliding_window and model_class(mcfg.architecture).window_caps_context:
             limit = min(limit, mcfg.sliding_window)  # within the window, full attention is exact
         if sched_cfg.max_model_len is not None:
             if sched_cfg.max_model_len > limit:

@@ -80,7 +80,8 @@ class DecodeStack:
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
             if (type(layer).forward is not DecoderLayer.forward or not isinstance(attn, Attention) or attn.qk_norm
-                    or type(attn).forward is not Attention.forward or type(mlp) is not MLP or attn.attn.own is None
+                    or type(attn).forward is not Attention.forward or not isinstance(mlp, MLP)
+                    or type(mlp).forward is not MLP.forward or attn.attn.own is None
                     or mlp.act_name not in ("silu", "swish")):
                 return None
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)

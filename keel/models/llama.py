@@ -18,19 +18,26 @@ from keel.models.config import ModelConfig
 class Attention(nn.Module):
     qkv_bias = False  # Qwen2 turns this on
     qk_norm = False  # Qwen3 turns this on
+    split_in_checkpoint = True  # q_proj, k_proj and v_proj are separate tensors in the checkpoint
+
+    def scores(self, cfg: ModelConfig):
+        """What this family does to the attention scores (keel.layers.attention.Scores): nothing here."""
+        return None
 
     def __init__(self, cfg: ModelConfig, dtype, device) -> None:
         super().__init__()
         H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size, self.num_heads, self.num_kv_heads, self.head_dim = H * D, KVH * D, H, KVH, D
-        # q, k and v fused into one matmul: one weight read and one kernel call instead of three.
-        self.qkv_proj = Linear(cfg.hidden_size, {"q": H * D, "k": KVH * D, "v": KVH * D},
-                               bias=self.qkv_bias or cfg.attention_bias, dtype=dtype, device=device)
+        # q, k and v fused into one matmul: one weight read and one kernel call instead of three (a checkpoint
+        # that stores them fused already, as Phi-3's does, loads into it whole).
+        out = {"q": H * D, "k": KVH * D, "v": KVH * D} if self.split_in_checkpoint else (H + 2 * KVH) * D
+        self.qkv_proj = Linear(cfg.hidden_size, out, bias=self.qkv_bias or cfg.attention_bias, dtype=dtype,
+                               device=device)
         self.o_proj = Linear(H * D, cfg.hidden_size, bias=cfg.attention_bias, dtype=dtype, device=device)
         if self.qk_norm:
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps, dtype, device)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps, dtype, device)
-        self.attn = PagedAttention(H, KVH, D, D ** -0.5)
+        self.attn = PagedAttention(H, KVH, D, D ** -0.5, self.scores(cfg), device)
 
     def forward(self, x: torch.Tensor, rope, meta: AttentionMetadata,
                 lora: LoRAMetadata | None = None) -> torch.Tensor:
@@ -54,12 +61,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    split_in_checkpoint = True  # gate_proj and up_proj are separate tensors in the checkpoint
+
     def __init__(self, cfg: ModelConfig, dtype, device) -> None:
         super().__init__()
         self.inter = cfg.intermediate_size
         self.act_name, self.act = cfg.hidden_act, activation(cfg.hidden_act)
-        self.gate_up_proj = Linear(cfg.hidden_size, {"gate": self.inter, "up": self.inter},
-                                   bias=cfg.mlp_bias, dtype=dtype, device=device)
+        out = {"gate": self.inter, "up": self.inter} if self.split_in_checkpoint else 2 * self.inter
+        self.gate_up_proj = Linear(cfg.hidden_size, out, bias=cfg.mlp_bias, dtype=dtype, device=device)
         self.down_proj = Linear(self.inter, cfg.hidden_size, bias=cfg.mlp_bias, dtype=dtype, device=device)
 
     own = None  # keel's CPU kernels (keel.kernels.cpu) once checked; False: not used
@@ -84,11 +93,12 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     attention_cls = Attention
+    mlp_cls = MLP
 
     def __init__(self, cfg: ModelConfig, dtype, device) -> None:
         super().__init__()
         self.self_attn = self.attention_cls(cfg, dtype, device)
-        self.mlp = MLP(cfg, dtype, device)
+        self.mlp = self.mlp_cls(cfg, dtype, device)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
 
@@ -99,6 +109,9 @@ class DecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     layer_cls = DecoderLayer
+    # A config's sliding_window caps the context length (Mistral: within the window full attention is
+    # exact); families whose attention applies the window itself (Scores.window) set this False.
+    window_caps_context = True
     # checkpoint projection -> (fused layer, shard)
     packed_modules = {
         "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
