@@ -46,6 +46,8 @@ class EngineInfo:
     max_model_len: int
     tokenizer: object  # keel.tokenizer.Tokenizer (thread-safe: encode/decode hold no state)
     backend: object  # keel.kernels.backend.Backend: which code computes each layer, chosen at start
+    architecture: str = ""  # the checkpoint's architecture, e.g. "Phi3ForCausalLM"
+    quantization: str | None = None  # how the weights are held when not as in the checkpoint: "int8", "int4", "gguf"
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,9 @@ class AsyncEngine:
         keel.serve_cli._serve, which loads the model with one thread so that only this thread starts an
         OpenMP pool)."""
         self.engine = engine
-        self.info = EngineInfo(engine.model_name, engine.max_model_len, engine.tokenizer, engine.backend)
+        quant = engine.quantization
+        self.info = EngineInfo(engine.model_name, engine.max_model_len, engine.tokenizer, engine.backend,
+                               engine.model_config.architecture, None if quant is None else quant.method)
         self.adapters = engine.adapters  # keel.engine.adapters.Adapters: thread-safe on its own
         self.num_threads = num_threads
         self.max_waiting = max_waiting

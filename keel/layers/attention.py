@@ -130,7 +130,7 @@ def eager_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, a
     B, H, Q, D = q.shape
     KVH, L = keys.shape[1], keys.shape[2]
     G = H // KVH
-    s = torch.matmul(q.view(B, KVH, G * Q, D), keys.transpose(-1, -2)).view(B, H, Q, L).float() * scale
+    s = torch.matmul(q.reshape(B, KVH, G * Q, D), keys.transpose(-1, -2)).view(B, H, Q, L).float() * scale
     if slopes is not None:
         s = s + slopes.view(1, H, 1, 1) * rel
     if scores.softcap is not None:
@@ -138,7 +138,7 @@ def eager_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, a
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(s, dim=-1).to(values.dtype)
-    return torch.matmul(p.view(B, KVH, G * Q, L), values).view(B, H, Q, D)
+    return torch.matmul(p.reshape(B, KVH, G * Q, L), values).view(B, H, Q, D)
 
 
 class PagedAttention(nn.Module):
@@ -147,10 +147,10 @@ class PagedAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.scores = scores or Scores()
-        self.slopes = None  # ALiBi's slopes as a float32 tensor [H]
-        if self.scores.alibi is not None:
-            self.register_buffer("slopes", torch.tensor(self.scores.alibi, dtype=torch.float32, device=device),
-                                 persistent=False)
+        # ALiBi's slopes as a float32 tensor [H] (None without ALiBi)
+        slopes = None if self.scores.alibi is None else torch.tensor(self.scores.alibi, dtype=torch.float32,
+                                                                        device=device)
+        self.register_buffer("slopes", slopes, persistent=False)
         self.k_cache: torch.Tensor | None = None  # [num_blocks * block_size, KVH, D], set by the runner
         self.v_cache: torch.Tensor | None = None
         # keel's CPU decode kernel (keel.kernels.cpu), set by the runner for a float32 cache on the CPU

@@ -172,8 +172,10 @@ class ServerState:
         return None if key is None else RequestUsage(self.auth, key, model, arrival)
 
     def model_card(self) -> dict:
+        info = self.client.info
         return {"id": self.served_model_name, "object": "model", "created": self.created, "owned_by": "keel",
-                "root": self.served_model_name, "parent": None, "max_model_len": self.client.info.max_model_len}
+                "root": self.served_model_name, "parent": None, "max_model_len": info.max_model_len,
+                "architecture": info.architecture, "quantization": info.quantization}
 
 
 def create_app(engine: LLMEngine, *, served_model_name: str, api_key: str | None = None,

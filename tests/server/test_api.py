@@ -50,6 +50,8 @@ def test_models_and_health(server, client, schemas):
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL] and models.data[0].owned_by == "keel"
     assert client.models.retrieve(MODEL).id == MODEL
+    card = models.data[0].model_dump()  # keel's own fields beside OpenAI's: what the model is and how it is held
+    assert card["architecture"] == "LlamaForCausalLM" and card["quantization"] is None
     with pytest.raises(openai.NotFoundError) as e:
         client.models.retrieve("gpt-4o")
     assert e.value.code == "model_not_found"
