@@ -118,6 +118,9 @@ KEEL_CONFIGS = [("default", None, None, "auto"), ("float32", "float32", "none", 
 
 
 def main() -> None:
+    if "--families" in sys.argv:  # one row per model family instead (bench/families.py)
+        from bench import families
+        return families.main([a for a in sys.argv[1:] if a != "--families"])
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,16")
