@@ -2,6 +2,11 @@
 
     # guardrails.yaml (keel serve --guardrails guardrails.yaml)
     policies:
+      - name: tenant-a
+        models: ["*"]
+        keys: ["tenant-a-*"]                # API key name (or id) patterns: only these keys' requests
+        input:
+          - {name: no-code-names, type: deny, patterns: ["(?i)falcon-[0-9]+"], action: block}
       - name: default
         models: ["*"]                       # model / adapter name patterns; the first policy that matches applies
         input:
@@ -143,8 +148,13 @@ class Policy:
     output: tuple[Rule, ...]
     version: str  # digest of the policy as written
     hold_chars: int = HOLD  # how much of a stream is held back: at least the longest span a rule may match
+    keys: tuple[str, ...] | None = None  # API key name or id patterns; None: requests with any key or none
 
-    def applies_to(self, model: str) -> bool:
+    def applies_to(self, model: str, key=None) -> bool:
+        """key: the request's keel.store.keys.APIKey (None: no key, or the single --api-key)."""
+        if self.keys is not None and (key is None or not any(
+                fnmatch.fnmatchcase(key.name, p) or fnmatch.fnmatchcase(key.id, p) for p in self.keys)):
+            return False
         return any(fnmatch.fnmatchcase(model, p) for p in self.models)
 
 
@@ -153,8 +163,9 @@ class Guardrails:
         self.policies = policies
         self.on_flag = None  # called with (policy, rule, where) for each flag: metrics
 
-    def for_model(self, model: str) -> Policy | None:
-        return next((p for p in self.policies if p.applies_to(model)), None)
+    def for_request(self, model: str, key=None) -> Policy | None:
+        """The first policy for this model and API key."""
+        return next((p for p in self.policies if p.applies_to(model, key)), None)
 
 
 def parse(data) -> Guardrails:
@@ -168,12 +179,16 @@ def parse(data) -> Guardrails:
         models = spec.get("models", ["*"])
         if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
             raise KeelError(f"{where}: `models` must be a list of name patterns")
+        keys = spec.get("keys")
+        if keys is not None and (not isinstance(keys, list) or not all(isinstance(k, str) for k in keys)):
+            raise KeelError(f"{where}: `keys` must be a list of API key name or id patterns")
         rules = {side: tuple(_rule(r, f"{where}.{side}") for r in (spec.get(side) or [])) for side in ("input", "output")}
         version = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
         hold = spec.get("hold_chars", HOLD)
         if not isinstance(hold, int) or isinstance(hold, bool) or not 1 <= hold <= 65536:
             raise KeelError(f"{where}: hold_chars must be an integer in [1, 65536]")
-        policies.append(Policy(spec["name"], tuple(models), rules["input"], rules["output"], version, hold))
+        policies.append(Policy(spec["name"], tuple(models), rules["input"], rules["output"], version, hold,
+                               None if keys is None else tuple(keys)))
     return Guardrails(policies)
 
 

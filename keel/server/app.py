@@ -95,7 +95,7 @@ class ServerState:
                                 f"chat model is `{self.served_model_name}`.", code="model_not_supported", param="model")
         raise model_not_found(name)
 
-    def fingerprint_for(self, adapter: str | None) -> str:
+    def fingerprint_for(self, adapter: str | None, key=None) -> str:
         fp = self.fingerprint
         if adapter is not None:
             path = self.client.adapters.path_of(adapter)
@@ -104,7 +104,7 @@ class ServerState:
                 cached = self._adapter_fps[adapter] = adapter_fingerprint(self.fingerprint, path,
                                                                           self.client.adapters.store_dtype)
             fp = cached or fp
-        policy = self.policy_for(adapter or self.served_model_name)
+        policy = self.policy_for(adapter or self.served_model_name, key)
         if policy is not None:  # the policy shapes the output: its version is part of what produced it
             key = (fp, policy.version)
             if key not in self._policy_fps:
@@ -112,8 +112,8 @@ class ServerState:
             fp = self._policy_fps[key]
         return fp
 
-    def policy_for(self, model: str):
-        return None if self.guardrails is None else self.guardrails.for_model(model)
+    def policy_for(self, model: str, key=None):
+        return None if self.guardrails is None else self.guardrails.for_request(model, key)
 
     def forget_fingerprint(self, adapter: str) -> None:
         self._adapter_fps.pop(adapter, None)
@@ -138,7 +138,7 @@ class ServerState:
         """usage: where the request's tokens are counted for its API key (see usage_for). The model's
         guardrail policy applies to the prompt here (PolicyViolation for a block) and to the output as
         it streams."""
-        policy = self.policy_for(adapter or self.served_model_name)
+        policy = self.policy_for(adapter or self.served_model_name, None if usage is None else usage.key)
         if policy is not None and policy.input:
             prompt_ids = self._guard_prompt(policy, prompt_ids)
         source = self.client.generate(request_id, prompt_ids, params, adapter=adapter)

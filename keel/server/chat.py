@@ -69,7 +69,7 @@ async def create_chat_completion(request: Request):
     fanin = await start(request, [state.generate(request_id, prompt_ids, params, arrival, adapter,
                                                   state.usage_for(request, body.model, arrival))])
     head = {"id": request_id, "created": now(), "model": body.model,
-            "system_fingerprint": state.fingerprint_for(adapter)}
+            "system_fingerprint": state.fingerprint_for(adapter, key_of(request))}
     if body.stream:
         chunks = _chunks(fanin, head, params.n, body.include_usage, bool(body.logprobs),
                          params.include_stop_str_in_output, names)

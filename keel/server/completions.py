@@ -83,7 +83,7 @@ async def create_completion(request: Request):
     fanin = await start(request, [state.generate(f"{request_id}-{k}", p, params[k], arrival, adapter, metered)
                                   for k, p in enumerate(ids)])
     head = {"id": request_id, "object": "text_completion", "created": now(), "model": body.model,
-            "system_fingerprint": state.fingerprint_for(adapter)}
+            "system_fingerprint": state.fingerprint_for(adapter, key_of(request))}
     want_lp = body.logprobs is not None
     if body.stream:
         chunks = _chunks(fanin, head, choices, n, len(prompts), body.include_usage, want_lp)

@@ -97,7 +97,7 @@ async def create_response(request: Request):
     fanin = await start(request, [state.generate(f"{response_id}-0", prompt_ids, params, arrival, adapter,
                                                   state.usage_for(request, body.model, arrival))])
     resp = _head(body, response_id, int(time.time()))
-    fingerprint = state.fingerprint_for(adapter)
+    fingerprint = state.fingerprint_for(adapter, key_of(request))
     conversation = history + new_messages
 
     def keep(final_resp: dict) -> None:

@@ -90,3 +90,29 @@ def test_a_bad_policy_file_stops_keel_serve_with_its_reason(tmp_path, capsys):
     assert main(["serve", "--guardrails", str(bad), "--port", str(free_port())]) == 2
     assert "RE2" in capsys.readouterr().err
     assert main(["serve", "--guardrails", str(tmp_path / "missing.yaml"), "--port", str(free_port())]) == 2
+
+
+def test_a_policy_per_api_key(tiny_ckpt, tmp_path):
+    """A policy with `keys` applies to those keys' requests only; the others get the next policy that matches
+    (here none), and the fingerprint says which applied."""
+    from keel.store.db import Database
+    from keel.store.keys import KeyStore
+    store = KeyStore(Database(f"sqlite:///{tmp_path / 'keys.sqlite3'}"))
+    _, strict = store.create("tenant-a-prod")
+    _, lax = store.create("tenant-b")
+    policy = parse({"policies": [{"name": "tenant-a", "keys": ["tenant-a-*"], "input": [
+        {"name": "no-t77", "type": "deny", "patterns": ["t77\\b"], "action": "block"}]}]})
+    app = create_app(tiny_engine(tiny_ckpt), served_model_name=MODEL, api_keys=store, guardrails=policy)
+    bad = [{"role": "user", "content": "t5 t77 t6"}]
+    with LiveServer(app) as server:
+        with pytest.raises(openai.BadRequestError) as e:
+            server.client(api_key=strict).chat.completions.create(model=MODEL, messages=bad, max_tokens=2)
+        assert e.value.code == "content_policy_violation" and "no-t77" in str(e.value)
+        fine = server.client(api_key=lax).chat.completions.create(model=MODEL, messages=bad, max_tokens=2)
+        ok = server.client(api_key=strict).chat.completions.create(model=MODEL, messages=MSG, max_tokens=2)
+        assert fine.choices and ok.system_fingerprint != fine.system_fingerprint
+
+
+def test_policy_keys_must_be_a_list_of_patterns():
+    with pytest.raises(Exception, match="keys"):
+        parse({"policies": [{"name": "p", "keys": "tenant-a"}]})
