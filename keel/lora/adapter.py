@@ -77,8 +77,11 @@ class BaseTargets:
         by_fused: dict[tuple[str, str], str] = {v: k for k, v in model.packed_modules.items()}
         self.targets: dict[str, Target] = {}
         self.other: set[str] = set()
+        # the decoder layers' projections: under model.layers in Llama's layout, elsewhere where the family
+        # keeps them (Falcon's transformer.h., MPT's transformer.blocks.)
+        prefix = getattr(model, "layers_prefix", None)
         for name, mod in model.named_modules():
-            if isinstance(mod, Linear) and ".layers." in name:
+            if isinstance(mod, Linear) and (name.startswith(prefix) if prefix else ".layers." in name):
                 parent, attr = name.rsplit(".", 1)
                 if mod.output_sizes:
                     for i, (shard, size) in enumerate(mod.output_sizes.items()):

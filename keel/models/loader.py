@@ -181,11 +181,14 @@ def load_weights(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tens
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     tied = model.config.tie_word_embeddings
+    # the decoder's prefix ("transformer." in Falcon's and MPT's checkpoints), which a checkpoint of the
+    # decoder without its head leaves out
+    prefix = getattr(model, "checkpoint_prefix", "model.")
     for name, tensor in tensors:
         if "rotary_emb" in name or (tied and name == "lm_head.weight"):
             continue
-        if not name.startswith(("model.", "lm_head.")):  # a checkpoint of the decoder without its head
-            name = "model." + name
+        if not name.startswith((prefix, "lm_head.")):
+            name = prefix + name
         name, shard = checkpoint_target(model, name)
         param = params.get(name)
         if param is None:
