@@ -2,13 +2,13 @@
 
 The rest of keel only knows Hugging Face checkpoints, so this module translates: GGUF metadata
 becomes a config.json dict, the embedded vocabulary becomes a `tokenizers.Tokenizer`, and GGUF
-tensor names, layouts and quantized types become HF names, [out, in] shapes and float32.
+tensor names, layouts and quantized types become HF names, [out, in] shapes and float32. What
+differs per architecture (names, config keys, the converter's changes to tensors) is in gguf_arch.py.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple
@@ -21,24 +21,13 @@ from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from keel.errors import ModelLoadError, UnsupportedModelError
+from keel.models.gguf_arch import ARCHITECTURES, Arch, FileView
+from keel.models.gguf_arch import config as arch_config
 
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-# llama.cpp's converter reorders q/k rows for these (its rope pairs adjacent dims, HF pairs halves).
-_PERMUTED_ARCHITECTURES = {"llama", "mistral"}
 # Types gguf.quants can dequantize; a name the installed gguf lacks is simply not accepted.
 _SUPPORTED_TYPES = {getattr(GGMLQuantizationType, n) for n in
                     "F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K".split()
                     if hasattr(GGMLQuantizationType, n)}
-
-_GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_BLOCK_TENSORS = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-_BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 # Split regexes of the original HF tokenizers, which llama.cpp names by `tokenizer.ggml.pre`.
 _LLAMA3_SPLIT = (
@@ -63,6 +52,7 @@ class GGUFCheckpoint:
     # (hf_name, tensor info) pairs, checked up front so that tensors() cannot fail halfway.
     _entries: list = field(default_factory=list, repr=False, compare=False)
     _buf: memoryview | None = field(default=None, repr=False, compare=False)  # the memmapped file
+    _arch: Arch | None = field(default=None, repr=False, compare=False)
 
     def tensor_types(self) -> dict:
         """hf_name -> GGMLQuantizationType of every tensor."""
@@ -73,14 +63,14 @@ class GGUFCheckpoint:
         A 2-D tensor of a type in `keep_blocks` comes as its GGUFBlocks instead (for keel.quant)."""
         for name, info in self._entries:
             if info.type in keep_blocks and len(info.shape) == 2:
-                yield name, _to_blocks(info, self._buf, name, self.config)
+                yield name, _to_blocks(info, self._buf, name, self.config, self._arch)
             else:
-                yield name, _to_torch(info, self._buf, name, self.config)
+                yield name, _to_torch(info, self._buf, name, self.config, self._arch)
 
 
 @dataclass
 class GGUFBlocks:
-    """A weight still in its GGUF block format, rows in HF order (q/k un-permuted): one row of
+    """A weight still in its GGUF block format, rows in HF order (e.g. q/k un-permuted): one row of
     `data` holds the blocks of one output row, `shape` is the dequantized [out, in]."""
     type: GGMLQuantizationType
     shape: tuple
@@ -101,16 +91,17 @@ def read_gguf(path: str) -> GGUFCheckpoint:
     except Exception as e:  # struct/numpy/unicode errors from a damaged file
         raise ModelLoadError(f"{path} is not a readable GGUF file (corrupt or truncated?): {e}") from e
 
-    arch = meta.get("general.architecture")
-    if arch not in _ARCHITECTURES:
+    name = meta.get("general.architecture")
+    arch = ARCHITECTURES.get(name)
+    if arch is None:
         raise UnsupportedModelError(
-            f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(_ARCHITECTURES)})")
+            f"{path}: GGUF architecture {name!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
     for needed in ("token_embd.weight", "tokenizer.ggml.tokens"):
         if needed not in infos and needed not in meta:
             raise ModelLoadError(f"{path}: GGUF file has no {needed}")
-    # rope_freqs.weight has no HF tensor; _config folds it into rope_scaling.
-    entries = [(_hf_name(t.name, path), t) for t in infos.values() if t.name != "rope_freqs.weight"]
-    config = _config(meta, infos, buf, arch, path)
+    view = FileView(meta, infos, buf, name, path)
+    entries = [(hf, infos[t]) for t, hf in arch.hf_names(view).items()]
+    config = arch_config(view, arch)
     tokenizer, tokens = _tokenizer(meta, path)
     bos_id, eos_id = config["bos_token_id"], config["eos_token_id"]
     # Chat models may end a turn with another token than eos (Llama 3's <|eot_id|>).
@@ -126,6 +117,7 @@ def read_gguf(path: str) -> GGUFCheckpoint:
         path=path,
         _entries=entries,
         _buf=buf,
+        _arch=arch,
     )
 
 
@@ -222,69 +214,6 @@ def _parse(path: str) -> tuple[dict, dict, memoryview]:
     return meta, infos, buf
 
 
-def _hf_name(name: str, path: str) -> str:
-    base, _, suffix = name.rpartition(".")
-    if base in _GLOBAL_TENSORS and suffix in ("weight", "bias"):
-        return f"{_GLOBAL_TENSORS[base]}.{suffix}"
-    m = _BLOCK_NAME.fullmatch(name)
-    if m and m.group(2) in _BLOCK_TENSORS:
-        return f"model.layers.{m.group(1)}.{_BLOCK_TENSORS[m.group(2)]}.{m.group(3)}"
-    raise UnsupportedModelError(f"{path}: unexpected tensor {name!r}")
-
-
-def _config(meta: dict, infos: dict, buf: memoryview, arch: str, path: str) -> dict:
-    def get(key, default=None):
-        return meta.get(f"{arch}.{key}", default)
-
-    hidden, heads, layers = get("embedding_length"), get("attention.head_count"), get("block_count")
-    if hidden is None or heads is None or layers is None:
-        raise ModelLoadError(f"{path}: GGUF metadata lacks {arch}.embedding_length/block_count/head_count")
-    config = {
-        "architectures": [_ARCHITECTURES[arch]],
-        "model_type": arch,
-        "hidden_size": hidden,
-        "intermediate_size": get("feed_forward_length"),
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": get("attention.head_count_kv", heads),
-        "head_dim": get("attention.key_length", hidden // heads),
-        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
-        "rope_theta": get("rope.freq_base", 10000.0),
-        "max_position_embeddings": get("context_length"),
-        # The embedding decides: a vocab list can be padded differently.
-        "vocab_size": infos["token_embd.weight"].shape[0],
-        "tie_word_embeddings": "output.weight" not in infos,
-        "attention_bias": "blk.0.attn_q.bias" in infos,
-        "hidden_act": "silu",
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "torch_dtype": "float32",
-    }
-    kind, factor = get("rope.scaling.type"), get("rope.scaling.factor")
-    if kind in ("linear", "yarn") and factor:
-        config["rope_scaling"] = {"rope_type": kind, "factor": float(factor)}
-        if get("rope.scaling.original_context_length"):
-            config["rope_scaling"]["original_max_position_embeddings"] = get("rope.scaling.original_context_length")
-    elif "rope_freqs.weight" in infos:
-        config["rope_scaling"] = _llama3_rope_scaling(infos["rope_freqs.weight"], buf, config["rope_theta"], path)
-    return config
-
-
-def _llama3_rope_scaling(info: _TensorInfo, buf: memoryview, theta: float, path: str) -> dict:
-    # Llama 3.x files carry llama.cpp's per-frequency divisors instead of HF's parameters. Every
-    # released Llama 3.x used low/high freq factors 1 and 4 over an 8192 context, so rebuild the
-    # divisors from those and accept the file only if they match.
-    divisors = dequantize(info.raw(buf), info.type).astype(np.float64).ravel()
-    factor, low, high, old_ctx = float(divisors.max()), 1.0, 4.0, 8192
-    dim = 2 * len(divisors)
-    wavelen = 2 * np.pi * theta ** (np.arange(0, dim, 2) / dim)
-    smooth = np.clip((old_ctx / wavelen - low) / (high - low), 0.0, 1.0)
-    if not np.allclose(divisors, 1.0 / ((1 - smooth) / factor + smooth), rtol=1e-3):
-        raise UnsupportedModelError(f"{path}: rope_freqs.weight does not match Llama 3 rope scaling")
-    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
-            "original_max_position_embeddings": old_ctx}
-
-
 def _tokenizer(meta: dict, path: str) -> tuple[Tokenizer, list[str]]:
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
@@ -297,7 +226,7 @@ def _tokenizer(meta: dict, path: str) -> tuple[Tokenizer, list[str]]:
     elif pre in _SPLIT_PRE:
         pre_tok = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_SPLIT_PRE[pre]), behavior="isolated"),
                                            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    elif pre in ("default", "gpt2"):
+    elif pre in ("default", "gpt2", "mpt"):  # llama.cpp splits MPT's (GPT-NeoX's) text as GPT-2's
         pre_tok = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:  # a guessed split would tokenize unlike training, quietly; refuse instead
         raise UnsupportedModelError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported")
@@ -335,23 +264,21 @@ def _tokenizer(meta: dict, path: str) -> tuple[Tokenizer, list[str]]:
     return tok, tokens
 
 
-def _to_torch(info: _TensorInfo, buf: memoryview, name: str, config: dict) -> torch.Tensor:
+
+
+def _to_torch(info: _TensorInfo, buf: memoryview, name: str, config: dict, arch: Arch) -> torch.Tensor:
     array = dequantize(info.raw(buf), info.type).astype(np.float32, copy=False).reshape(info.shape)
-    if config["model_type"] in _PERMUTED_ARCHITECTURES and re.search(r"[qk]_proj\.(weight|bias)$", name):
-        array = _unpermute(array, config["num_attention_heads" if ".q_proj." in name else "num_key_value_heads"])
+    if arch.rows is not None:
+        array = arch.rows(name, array, config)
+    if arch.values is not None:
+        array = arch.values(name, array)
     if not array.flags.writeable or not array.flags.c_contiguous:
         array = np.array(array, order="C")  # F32 data is still a view of the read-only memmap
     return torch.from_numpy(array)
 
 
-def _to_blocks(info: _TensorInfo, buf: memoryview, name: str, config: dict) -> GGUFBlocks:
+def _to_blocks(info: _TensorInfo, buf: memoryview, name: str, config: dict, arch: Arch) -> GGUFBlocks:
     raw = info.raw(buf)
-    if config["model_type"] in _PERMUTED_ARCHITECTURES and re.search(r"[qk]_proj\.weight$", name):
-        # a block never spans rows, so rows of blocks are un-permuted like rows of numbers
-        raw = _unpermute(raw, config["num_attention_heads" if ".q_proj." in name else "num_key_value_heads"])
+    if arch.rows is not None:
+        raw = arch.rows(name, raw, config)  # a block never spans rows: rows of blocks move as rows of numbers
     return GGUFBlocks(info.type, info.shape, np.array(raw, order="C"))
-
-
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    # llama.cpp did w.reshape(n_head, 2, rows // n_head // 2, ...).swapaxes(1, 2); undo it.
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
