@@ -72,6 +72,11 @@ class TransformerLM(LlamaForCausalLM):
         self.rotary = self.make_rotary(cfg, max_positions, device)
 
     @property
+    def embedding_name(self) -> str:
+        """The token embedding's module path (keel.quant.convert quantizes it there)."""
+        return f"transformer.{self.parts[0]}"
+
+    @property
     def layers_prefix(self) -> str:
         """Where the decoder's projections live (keel.lora.adapter.BaseTargets looks there)."""
         return f"transformer.{self.parts[1]}."

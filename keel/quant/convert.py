@@ -21,6 +21,11 @@ LAYERS = {"int8": (Int8Linear, Int8Embedding), "int4": (Int4Linear, Int4Embeddin
 EMBEDDING, HEAD = "model.embed_tokens", "lm_head"
 
 
+def embedding_name(model: nn.Module) -> str:
+    """The token embedding's module path: Llama's layout, or where the family keeps it (Falcon's, MPT's)."""
+    return getattr(model, "embedding_name", EMBEDDING)
+
+
 def quantize_model(model: nn.Module, cfg: QuantConfig, tensor_types: dict | None = None) -> None:
     """Swap every projection (each Linear but the output head) for the quantized layer of `cfg.method`,
     and with cfg.quantize_embeddings the embedding and output head too. Call it before loading weights:
@@ -34,10 +39,10 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, tensor_types: dict | None
         return (*LAYERS[method], (cfg.group_size or DEFAULT_INT4_GROUP_SIZE) if method == "int4" else None)
     targets = [(name, m, layers(cfg.embedding_method if name == HEAD else cfg.method))
                for name, m in model.named_modules() if type(m) is Linear and (name != HEAD or cfg.quantize_embeddings)]
-    emb = model.get_submodule(EMBEDDING) if cfg.quantize_embeddings else None
+    emb = model.get_submodule(embedding_name(model)) if cfg.quantize_embeddings else None
     widths = {name: m.in_features for name, m, (_, _, group) in targets if group}
     if emb is not None and layers(cfg.embedding_method)[2]:
-        widths[EMBEDDING] = emb.embedding_dim
+        widths[embedding_name(model)] = emb.embedding_dim
     if widths:
         _check_group_size(cfg.group_size or DEFAULT_INT4_GROUP_SIZE, widths)
     for name, m, (linear_cls, _, group) in targets:
@@ -54,8 +59,8 @@ def _quantized_like(m: Linear, cls, group_size: int | None, name: str) -> QuantL
 
 def _quantize_embedding(model: nn.Module, emb: nn.Embedding, cls, group_size: int | None) -> None:
     table = cls(emb.embedding_dim, emb.num_embeddings, dtype=emb.weight.dtype, device=emb.weight.device,
-                group_size=group_size, name=EMBEDDING)
-    _replace(model, EMBEDDING, table)
+                group_size=group_size, name=embedding_name(model))
+    _replace(model, embedding_name(model), table)
     if getattr(model, HEAD, None) is None:  # tied: the head computes with the embedding's tensors
         model.lm_head = TiedQuantHead(table)
 
@@ -63,11 +68,12 @@ def _quantize_embedding(model: nn.Module, emb: nn.Embedding, cls, group_size: in
 def _quantize_as_gguf(model: nn.Module, tensor_types: dict) -> None:
     from keel.models.loader import checkpoint_target
     by_module: dict[str, set] = {}
+    prefix = getattr(model, "checkpoint_prefix", "model.")  # as keel.models.loader.load_weights reads names
     for name, qtype in tensor_types.items():
         if not name.endswith(".weight"):
             continue
-        if not name.startswith(("model.", "lm_head.")):
-            name = "model." + name
+        if not name.startswith((prefix, "lm_head.")):
+            name = prefix + name
         target, _ = checkpoint_target(model, name)
         by_module.setdefault(target[: -len(".weight")], set()).add(qtype)
 
@@ -83,8 +89,8 @@ def _quantize_as_gguf(model: nn.Module, tensor_types: dict) -> None:
         k = kind(name, m.in_features)
         if k is not None:
             _replace(model, name, _quantized_like(m, LAYERS[k][0], GROUP, name))
-    emb = model.get_submodule(EMBEDDING)
-    k = kind(EMBEDDING, emb.embedding_dim)
+    emb = model.get_submodule(embedding_name(model))
+    k = kind(embedding_name(model), emb.embedding_dim)
     if k is not None:
         _quantize_embedding(model, emb, LAYERS[k][1], GROUP)
 
@@ -181,7 +187,7 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
                 parts[part] += t.numel() * t.element_size()
 
     for name, m in model.named_modules():
-        part = "embedding" if name == EMBEDDING else "head" if name in (HEAD, "tied_head") else "projections"
+        part = "embedding" if name == embedding_name(model) else "head" if name in (HEAD, "tied_head") else "projections"
         if isinstance(m, QuantLinear):
             add(part, m.resident_tensors() + [m.bias])
         elif isinstance(m, Linear):

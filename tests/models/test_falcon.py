@@ -130,3 +130,19 @@ def test_alibi_slopes_match_bloom_and_falcon(heads):
     assert torch.allclose(torch.tensor(falcon_alibi(heads, head_dim)), falcon * head_dim ** -0.5, rtol=1e-6, atol=0)
     if heads == 12:  # slopes 2^-0.5, 2^-1.5 ...: bfloat16 rounds them, so the rounding matters
         assert not torch.equal(bloom, falcon)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_falcon_quantized_with_its_embedding(falcon, method):
+    """int8/int4 with the embedding and tied head quantized too: found under transformer.word_embeddings,
+    and the logits stay near float32's (a tiny random model: within a tenth of their range)."""
+    from keel.quant.config import QuantConfig
+    from keel.quant.layer import QuantLinear
+    folder, hf = falcon("falcon-7b")
+    llm = family.engine(folder, family.backends()[0], quantization=QuantConfig(method, quantize_embeddings=True))
+    model = llm.engine.model
+    assert not isinstance(model.transformer.word_embeddings, torch.nn.Embedding)
+    assert isinstance(model.transformer.h[0].self_attention.query_key_value, QuantLinear)
+    ours = family.keel_logits(llm, family.PROMPTS[2:])[0]
+    ref = family.hf_logits(hf, family.PROMPTS[2])
+    assert (ours - ref).abs().max() <= 0.1 * (ref.max() - ref.min())
