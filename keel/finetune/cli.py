@@ -81,7 +81,7 @@ def cmd_finetune(args) -> int:
     valid_records = read(args.validation) if args.validation else []
     device = torch.device(args.device)
     model, ckpt = load_base(path, 1 << 30, device, torch.float32 if device.type == "cpu" else torch.bfloat16)
-    settings = resolve(hyper, lora, len(records), model.rotary.cos.shape[0])
+    settings = resolve(hyper, lora, len(records), model.max_positions)
     settings.gradient_checkpointing = args.gradient_checkpointing
     train = examples(records, ckpt.tokenizer, settings.max_seq_length)
     valid = examples(valid_records, ckpt.tokenizer, settings.max_seq_length)

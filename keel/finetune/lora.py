@@ -21,7 +21,7 @@ from torch import nn
 from keel.errors import InvalidRequestError
 from keel.lora.adapter import CONFIG_FILE, WEIGHTS_FILE, BaseTargets
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = ("all-linear",)
 
 
 class Training:
@@ -169,6 +169,8 @@ def save_peft(layers: list[TrainableLoRA], folder: str, r: int, alpha: float, dr
     tensors = {}
     for layer in layers:
         tensors.update(layer.peft_tensors())
+    if "all-linear" in targets:  # written as the projections it resolved to: PEFT and keel read them alike
+        targets = {name.rsplit(".", 1)[1] for layer in layers for name in layer.names.values()}
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
               "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
               "use_dora": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,

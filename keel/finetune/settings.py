@@ -102,6 +102,8 @@ def resolve(hyper: dict | None, lora: dict | None, num_examples: int, model_max_
     r = _int(lora.get("r"), "lora.r", 1, MAX_RANK, 8)
     alpha = _float(lora.get("alpha"), "lora.alpha", 0.0, 1e4, 2.0 * r, lo_open=True)
     dropout = _float(lora.get("dropout"), "lora.dropout", 0.0, 0.9, 0.0)
+    # "all-linear" (PEFT's word, and the default): every projection of the layers, whatever the family
+    # calls them (q_proj... in Llama, query_key_value... in Falcon, Wqkv... in MPT)
     targets = lora.get("target_modules", list(DEFAULT_TARGETS))
     if targets == "all-linear":
         targets = list(DEFAULT_TARGETS)

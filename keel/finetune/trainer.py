@@ -68,12 +68,9 @@ def hidden_states(model, ids: torch.Tensor, lengths: list[int], checkpointing: b
     """ids: [sum(lengths)], the sequences packed one after another -> final hidden states [T, hidden],
     through keel's layers with LoRA in training mode."""
     meta = CausalBatch(list(lengths))
-    x = model.model.embed_tokens(ids)
-    if x.dtype != model.dtype:
-        x = x.to(model.dtype)
     positions = torch.cat([torch.arange(n, device=ids.device) for n in lengths])
-    rope = model.rotary.lookup(positions)
-    for layer in model.model.layers:
+    x, ropes = model.layer_inputs(ids, positions)
+    for layer, rope in zip(model.model.layers, ropes):
         if checkpointing:
             x = torch.utils.checkpoint.checkpoint(layer, x, rope, meta, TRAINING, use_reentrant=False)
         else:

@@ -55,7 +55,7 @@ class TransformerLM(LlamaForCausalLM):
 
     def __init__(self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype, device) -> None:
         nn.Module.__init__(self)
-        self.config, self.dtype = cfg, dtype
+        self.config, self.dtype, self.max_positions = cfg, dtype, max_positions
         embed, layers, norm = self.parts
         self.transformer = nn.Module()
         emb = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
@@ -98,11 +98,14 @@ class TransformerLM(LlamaForCausalLM):
                 lora: LoRAMetadata | None = None) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden states [T, hidden]
         parts = self.model
-        x = self.embed(input_ids, positions)
-        rope = None if self.rotary is None else self.rotary.lookup(positions)
-        for layer in parts.layers:
+        x, ropes = self.layer_inputs(input_ids, positions)
+        for layer, rope in zip(parts.layers, ropes):
             x = layer(x, rope, meta, lora)
         return parts.norm(x)
+
+    def layer_inputs(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, list]:
+        rope = None if self.rotary is None else self.rotary.lookup(positions)
+        return self.embed(input_ids, positions), [rope] * len(self.model.layers)
 
     def build_decode_stack(self) -> None:
         from keel.kernels.backend import of

@@ -131,12 +131,15 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 lora: LoRAMetadata | None = None) -> torch.Tensor:
-        x = self.embed(input_ids)
+        x, ropes = self.layer_inputs(input_ids, positions)
+        for layer, rope in zip(self.model.layers, ropes):
+            x = layer(x, rope, meta, lora)
+        return self.model.norm(x)
+
+    def layer_inputs(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, list]:
         rope = {False: self.rotary.lookup(positions)}  # by layer.sliding
         rope[True] = rope[False] if self.local_rotary is None else self.local_rotary.lookup(positions)
-        for layer in self.model.layers:
-            x = layer(x, rope[layer.sliding], meta, lora)
-        return self.model.norm(x)
+        return self.embed(input_ids), [rope[layer.sliding] for layer in self.model.layers]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [T] -> scaled embeddings [T, hidden] in the model dtype."""

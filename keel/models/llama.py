@@ -127,6 +127,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.dtype = dtype
+        self.max_positions = max_positions  # the longest context this instance serves (its tables' length)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device,
                                       cfg.rotary_dim, cfg.max_position_embeddings)
         self.model = nn.Module()
@@ -144,15 +145,20 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 lora: LoRAMetadata | None = None) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden states [T, hidden]; lora: the step's adapter slots, if any
+        x, ropes = self.layer_inputs(input_ids, positions)
+        if self.decode_stack and self.decode_stack.runs(x, meta, lora):
+            return self.model.norm(self.decode_stack.run(x, ropes[0], meta, lora))  # one call for every layer
+        for layer, rope in zip(self.model.layers, ropes):
+            x = layer(x, rope, meta, lora)
+        return self.model.norm(x)
+
+    def layer_inputs(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """(the first layer's input [T, hidden] in the model dtype, each layer's rotary cos/sin): what the
+        layers take, for forward and for the fine-tuning trainer, which runs them one by one."""
         x = self.model.embed_tokens(input_ids)
         if x.dtype != self.dtype:  # an embedding table held in bfloat16 under a float32 model
             x = x.to(self.dtype)
-        rope = self.rotary.lookup(positions)
-        if self.decode_stack and self.decode_stack.runs(x, meta, lora):
-            return self.model.norm(self.decode_stack.run(x, rope, meta, lora))  # one call for every layer
-        for layer in self.model.layers:
-            x = layer(x, rope, meta, lora)
-        return self.model.norm(x)
+        return x, [self.rotary.lookup(positions)] * len(self.model.layers)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # Logits in float32: sampling and log-probabilities want the precision.
