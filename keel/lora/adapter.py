@@ -80,16 +80,29 @@ class BaseTargets:
         # the decoder layers' projections: under model.layers in Llama's layout, elsewhere where the family
         # keeps them (Falcon's transformer.h., MPT's transformer.blocks.)
         prefix = getattr(model, "layers_prefix", None)
+        # A module with a `lora_unsupported` reason (a mixture-of-experts block, keel/layers/moe.py) keeps
+        # every projection under it out of the targets: Hugging Face name -> the reason, for the error.
+        self.unsupported: dict[str, str] = {}
+        refused: dict[str, str] = {}  # "path." of each such module -> its reason
         for name, mod in model.named_modules():
+            if getattr(mod, "lora_unsupported", None):
+                refused[name + "."] = mod.lora_unsupported
+            why = next((r for p, r in refused.items() if (name + ".").startswith(p)), None)
             if isinstance(mod, Linear) and (name.startswith(prefix) if prefix else ".layers." in name):
                 parent, attr = name.rsplit(".", 1)
-                if mod.output_sizes:
-                    for i, (shard, size) in enumerate(mod.output_sizes.items()):
-                        self.targets[f"{parent}.{by_fused[(attr, shard)]}"] = Target(name, i, mod.in_features, size)
-                else:
-                    self.targets[name] = Target(name, 0, mod.in_features, mod.out_features)
+                # a plain layer is named as the checkpoint names it (Mixtral's w2 is an expert's down_proj)
+                shards = mod.output_sizes.items() if mod.output_sizes else [(None, mod.out_features)]
+                for i, (shard, size) in enumerate(shards):
+                    hf = f"{parent}.{by_fused[(attr, shard)] if shard else by_fused.get((attr, None), attr)}"
+                    if why:
+                        self.unsupported[hf] = why
+                        self.other.add(hf)
+                    else:
+                        self.targets[hf] = Target(name, i, mod.in_features, size)
             elif name:
                 self.other.add(name)
+                if why:
+                    self.unsupported[name] = why
         self.other.add("lm_head")
         self.other.discard("tied_head")
         self.short_names = sorted({n.rsplit(".", 1)[1] for n in self.targets})
@@ -156,7 +169,7 @@ def _targets_in_config(cfg: dict, base: BaseTargets, fail) -> None:
         matched = [n for n in names if pattern.fullmatch(n)]
         bad = [n for n in matched if n not in base.targets]
         if bad:
-            raise fail(_unsupported_target(bad[0]))
+            raise fail(_unsupported_target(bad[0], base=base))
         if not matched:
             raise fail(f"target_modules {tm!r} matches no module of the base model "
                        f"(its projections: {', '.join(base.short_names)})")
@@ -167,13 +180,16 @@ def _targets_in_config(cfg: dict, base: BaseTargets, fail) -> None:
         matched = [n for n in names if n == t or n.endswith("." + t)]
         bad = [n for n in matched if n not in base.targets]
         if bad:
-            raise fail(_unsupported_target(bad[0], t))
+            raise fail(_unsupported_target(bad[0], t, base))
         if not matched:
             raise fail(f"target module {t!r} is not in the base model (its projections: {', '.join(base.short_names)})")
 
 
-def _unsupported_target(module: str, target: str | None = None) -> str:
+def _unsupported_target(module: str, target: str | None = None, base: BaseTargets | None = None) -> str:
     what = target or module
+    why = base.unsupported.get(module) if base is not None else None
+    if why:
+        return f"target {what!r}: {why}" + (f" ({module})" if target else "")
     if any(k in module for k in _EMBEDDING_OR_HEAD):
         return f"target {what!r}: LoRA on the token embedding or the output head is not supported"
     return f"target {what!r}: only the attention and MLP projections can be adapted, not {module}"
@@ -258,7 +274,7 @@ def read_spec(name: str, path: str, base: BaseTargets, max_rank: int, served_mod
         target = base.targets.get(module)
         if target is None:
             if module in base.other or module.endswith(_EMBEDDING_OR_HEAD):
-                raise fail(_unsupported_target(module))
+                raise fail(_unsupported_target(module, base=base))
             raise fail(f"it adapts {module}, which the base model does not have")
         if set(ab) != {"A", "B"}:
             raise fail(f"{module} has lora_{''.join(ab)} but not lora_{'B' if 'A' in ab else 'A'}")

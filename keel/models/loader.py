@@ -125,7 +125,11 @@ def open_checkpoint(path: str) -> Checkpoint:
     files = safetensors_files(path)
     quant = read_quant_config(path)
     fingerprinted = files + [os.path.join(path, QUANT_CONFIG_FILE)] if quant else files
-    return Checkpoint(config, tokenizer, lambda: iter_safetensors(files), fingerprinted,
+    # a family whose checkpoints come in more than one layout gives them one set of names here (Mixtral's
+    # experts: per expert on the hub, stacked as transformers 5 holds them)
+    layout = getattr(model_class(config.architecture), "normalize_tensors", None)
+    tensors = (lambda: layout(iter_safetensors(files))) if layout else (lambda: iter_safetensors(files))
+    return Checkpoint(config, tokenizer, tensors, fingerprinted,
                       os.path.basename(path.rstrip("/")), quantization=quant)
 
 
