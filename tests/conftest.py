@@ -74,6 +74,19 @@ def make_tiny_tokenizer(folder) -> str:
     return folder
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run hundreds of small ops per step. On a 2-core machine shared with other jobs, two
+    OpenMP threads make every op wait at a barrier for a descheduled thread (measured: the 1000-adapter
+    test 16 s with two threads against 1.3 s with one); one thread is also as fast when the machine is
+    idle. A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_tokenizer_dir(tmp_path) -> str:
     return make_tiny_tokenizer(tmp_path / "tiny_tokenizer")

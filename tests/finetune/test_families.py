@@ -9,7 +9,7 @@ import torch
 from keel.finetune.lora import attach, save_peft
 from keel.finetune.trainer import hidden_states, load_base
 from tests.models import family
-from tests.models import test_falcon, test_gemma, test_mpt, test_phi3
+from tests.models import test_falcon, test_gemma, test_mixtral, test_mpt
 from tests.models.conftest import BASE
 
 CASES = {  # name -> (config class, model class, config, LoRA targets)
@@ -22,8 +22,11 @@ CASES = {  # name -> (config class, model class, config, LoRA targets)
                   ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
     "mpt": ("MptConfig", "MptForCausalLM", {**test_mpt.SMALL, **test_mpt.CASES["mpt-6heads-clip"]},
             ["Wqkv", "out_proj", "up_proj", "down_proj"]),
+    # through the mixture-of-experts layers, adapters on attention (the experts take none)
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {**BASE, "pad_token_id": 0, **test_mixtral.CASES["mixtral-8x2-gqa"]},
+                test_mixtral.ATTENTION),
 }
-assert test_phi3  # the Phi-3 configs live there; this module builds its own
+RANDOMIZE = {"mixtral": test_mixtral.randomize_router}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -31,7 +34,7 @@ def test_training_forward_and_gradients_match_peft(case, tmp_path):
     from peft import PeftModel
     cfg_name, model_name, config, targets = CASES[case]
     folder = str(tmp_path / "base")
-    hf = family.build(folder, cfg_name, model_name, config, seed=5)
+    hf = family.build(folder, cfg_name, model_name, config, seed=5, randomize=RANDOMIZE.get(case))
     model, _ = load_base(folder, 256, torch.device("cpu"), torch.float32)
     layers = attach(model, 4, 8.0, 0.0, targets, seed=0)
     with torch.no_grad():  # B starts at zero: give it values so that the update shows

@@ -49,14 +49,9 @@ def make_peft_adapter(hf_model, folder: str, seed: int, bf16_exact: bool = True,
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny models run hundreds of small ops per step. On a 2-core machine shared with other jobs,
-    two OpenMP threads make every op wait at a barrier for a descheduled thread (measured: the 1000-adapter
-    test 16 s with two threads against 1.3 s with one); one thread is also as fast when the machine is idle."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
+    """Every LoRA test module runs on one thread (tests/conftest.py says why)."""
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,8 @@ from keel.tokenizer import Tokenizer
 from tests.models import family
 from tests.models.conftest import BASE, VOCAB
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 WINDOW = 8  # smaller than the harness's prompts (up to 41 tokens) and check_engine_paths' (up to 35)
 SMALL = {**BASE, "head_dim": 16, "pad_token_id": 0}
 
@@ -53,15 +55,6 @@ CASES = {
         "final_logit_softcapping": 5.0, "query_pre_attn_scalar": 16}),
 }
 FAST = ["gemma2-softcap", "gemma3-local"]  # one per family in the fast subset
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models, hundreds of small ops: one thread is as fast and does not wait on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,8 @@ from tests.models import family
 from tests.models.conftest import BASE
 from tests.models.test_mpt import _as_mosaicml
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 HEAD = BASE["hidden_size"] // BASE["num_attention_heads"]
 WINDOW = 8  # smaller than the harness's prompts (up to 41 tokens)
 FALCON = dict(vocab_size=family.VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_hidden_size=96,
@@ -204,15 +206,6 @@ def write_gguf(path: str, arch: str, hf, quantize: bool = False) -> dict[str, np
     w.write_tensors_to_file()
     w.close()
     return written
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models, hundreds of small ops: one thread is as fast and does not wait on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
