@@ -1,8 +1,8 @@
 """Read a GGUF file (llama.cpp's format) into a Hugging Face-style config, tokenizer and weights.
 
 The rest of keel only knows Hugging Face checkpoints, so this module translates: GGUF metadata
-becomes a config.json dict, the embedded vocabulary becomes a `tokenizers.Tokenizer`, and GGUF
-tensor names, layouts and quantized types become HF names, [out, in] shapes and float32. What
+becomes a config.json dict, the embedded vocabulary becomes a `tokenizers.Tokenizer` (gguf_tokenizer.py),
+and GGUF tensor names, layouts and quantized types become HF names, [out, in] shapes and float32. What
 differs per architecture (names, config keys, the converter's changes to tensors) is in gguf_arch.py.
 """
 
@@ -18,26 +18,17 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer
 
 from keel.errors import ModelLoadError, UnsupportedModelError
 from keel.models.gguf_arch import ARCHITECTURES, Arch, FileView
 from keel.models.gguf_arch import config as arch_config
+from keel.models.gguf_tokenizer import gguf_tokenizer
 
 # Types gguf.quants can dequantize; a name the installed gguf lacks is simply not accepted.
 _SUPPORTED_TYPES = {getattr(GGMLQuantizationType, n) for n in
                     "F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K".split()
                     if hasattr(GGMLQuantizationType, n)}
-
-# Split regexes of the original HF tokenizers, which llama.cpp names by `tokenizer.ggml.pre`.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # the same but one digit per piece
-_LLAMA3_PRE = ("llama3", "llama-bpe", "llama-v3")
-_SPLIT_PRE = {**dict.fromkeys(_LLAMA3_PRE, _LLAMA3_SPLIT), "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
-_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
 @dataclass
@@ -102,7 +93,7 @@ def read_gguf(path: str) -> GGUFCheckpoint:
     view = FileView(meta, infos, buf, name, path)
     entries = [(hf, infos[t]) for t, hf in arch.hf_names(view).items()]
     config = arch_config(view, arch)
-    tokenizer, tokens = _tokenizer(meta, path)
+    tokenizer, tokens = gguf_tokenizer(meta, name, path)
     bos_id, eos_id = config["bos_token_id"], config["eos_token_id"]
     # Chat models may end a turn with another token than eos (Llama 3's <|eot_id|>).
     eos_ids = [meta[f"tokenizer.ggml.{k}_token_id"] for k in ("eos", "eot", "eom")
@@ -212,58 +203,6 @@ def _parse(path: str) -> tuple[dict, dict, memoryview]:
         # GGUF lists dimensions innermost first; HF wants [out, in].
         infos[name] = _TensorInfo(name, tuple(reversed(dims)), qtype, data_start + offset, nbytes)
     return meta, infos, buf
-
-
-def _tokenizer(meta: dict, path: str) -> tuple[Tokenizer, list[str]]:
-    kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise UnsupportedModelError(f"{path}: GGUF tokenizer model {kind!r} is not supported "
-                                    "(only byte-level BPE, 'gpt2')")
-    pre = meta.get("tokenizer.ggml.pre") or "default"
-    if pre == "smollm":  # SmolLM's own tokenizer.json: single digits, then the GPT-2 split
-        pre_tok = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                           pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    elif pre in _SPLIT_PRE:
-        pre_tok = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_SPLIT_PRE[pre]), behavior="isolated"),
-                                           pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    elif pre in ("default", "gpt2", "mpt"):  # llama.cpp splits MPT's (GPT-NeoX's) text as GPT-2's
-        pre_tok = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    else:  # a guessed split would tokenize unlike training, quietly; refuse instead
-        raise UnsupportedModelError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported")
-
-    tokens = meta["tokenizer.ggml.tokens"]
-    vocab: dict[str, int] = {}
-    for i, token in enumerate(tokens):
-        vocab.setdefault(token, i)  # some vocabs repeat a string; keep its first id
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    try:
-        # Llama 3's tokenizer.json takes a piece that is a whole vocab entry before merging.
-        model = models.BPE(vocab, merges, ignore_merges=pre in _LLAMA3_PRE)
-    except Exception as e:
-        raise ModelLoadError(f"{path}: GGUF vocabulary does not fit its merges: {e}") from e
-    tok = Tokenizer(model)
-    tok.pre_tokenizer = pre_tok
-    tok.decoder = decoders.ByteLevel()
-
-    # Otherwise "<|im_start|>" in a prompt would be cut into pieces instead of staying one token.
-    types = meta.get("tokenizer.ggml.token_type") or []
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tokens, types) if ty == _CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
-
-    template, specials = "$A", []
-    for key in ("bos", "eos"):
-        tid = meta.get(f"tokenizer.ggml.{key}_token_id")
-        if meta.get(f"tokenizer.ggml.add_{key}_token") and tid is not None:
-            template = f"{tokens[tid]} {template}" if key == "bos" else f"{template} {tokens[tid]}"
-            specials.append((tokens[tid], tid))
-    if specials:
-        tok.post_processor = processors.TemplateProcessing(
-            single=template, pair=f"{template} {template.replace('$A', '$B:1')}", special_tokens=specials)
-    return tok, tokens
-
-
 
 
 def _to_torch(info: _TensorInfo, buf: memoryview, name: str, config: dict, arch: Arch) -> torch.Tensor:

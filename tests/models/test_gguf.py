@@ -315,7 +315,7 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path):
     "kwargs, words",
     [
         ({"arch": "gpt2"}, ["architecture", "'gpt2'"]),
-        ({"tokenizer_model": "llama"}, ["tokenizer", "'llama'"]),
+        ({"tokenizer_model": "t5"}, ["tokenizer", "'t5'"]),  # unigram; SentencePiece ('llama') is read
         ({"pre": "made-up"}, ["pre-tokenizer", "'made-up'"]),
         ({"extra_tensors": [("blk.0.extra.weight", np.zeros((4, 4), np.int32))]}, ["blk.0.extra.weight", "I32"]),
         ({"extra_tensors": [("blk.0.unknown.weight", np.zeros(4, np.float32))]}, ["blk.0.unknown.weight"]),

@@ -72,7 +72,7 @@ CASES = {
         **MPT, "no_bias": False, "expansion_ratio": 2, "attn_config": {"alibi": False}}),
 }
 FAST = ["phi3", "gemma2", "falcon-40b", "mpt"]  # one per family in the fast subset
-PRE = {"falcon": "gpt2", "mpt": "mpt"}  # tokenizer.ggml.pre; real Falcon files say "falcon", which keel refuses
+PRE = {"falcon": "falcon", "mpt": "mpt"}  # tokenizer.ggml.pre, as real files say it
 ALPHABET = sorted(pre_tokenizers.ByteLevel.alphabet())  # 256 single-byte tokens: the tiny models' vocabulary
 
 
