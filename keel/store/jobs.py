@@ -23,7 +23,11 @@ class JobStore:
             record = {"id": new_id("ftjob"), "seq": seq, "created_at": int(time.time()), "status": "validating_files",
                       "cancel_requested": False, **fields}
             c.execute(jobs.insert().values(**record))
-        self.event(record["id"], "Validating training file")
+            # in the job's own transaction: the scheduler may pick the job up (and log "Files validated")
+            # as soon as it is committed
+            c.execute(events.insert().values(id=new_id("ftevent"), job_id=record["id"], created_at=record["created_at"],
+                                             level="info", message="Validating training file", type="message",
+                                             data=None))
         return self.get(record["id"])
 
     def get(self, job_id: str) -> dict | None:
